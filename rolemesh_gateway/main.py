@@ -1,0 +1,26 @@
+"""The ASGI entry point of the guide: ``uvicorn rolemesh_gateway.main:app``.
+
+The config named by ``ROLE_MESH_CONFIG`` is read and validated at import, so a bad file stops
+uvicorn before it listens, with one line that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .app import Gateway, create_app
+from .logs import setup_logging
+from .settings import ConfigError, load_settings
+
+
+def _build() -> Gateway:
+    setup_logging()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"rolemesh-gateway: config error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return create_app(settings)
+
+
+app = _build()

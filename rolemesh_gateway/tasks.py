@@ -1,0 +1,60 @@
+"""Owned background tasks: every loop is started, named and stopped through :class:`TaskOwner`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("rolemesh.tasks")
+
+
+class TaskOwner:
+    """Starts named tasks, keeps them, and cancels and awaits them in reverse order on stop."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(self._report)
+        self._tasks.append(task)
+        return task
+
+    def every(self, name: str, interval_s: float, fn: Callable[[], Awaitable[object]]) -> asyncio.Task[Any]:
+        """Run ``fn`` every ``interval_s`` seconds until stopped; errors are logged, not fatal."""
+        return self.start(name, _every(name, interval_s, fn))
+
+    @staticmethod
+    def _report(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s died", task.get_name(), exc_info=task.exception())
+
+    @property
+    def names(self) -> list[str]:
+        return [t.get_name() for t in self._tasks if not t.done()]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks[::-1], []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():  # we were cancelled ourselves
+                    raise
+            except Exception:  # already reported by _report
+                pass
+
+
+async def _every(name: str, interval_s: float, fn: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("periodic task %s failed; retrying in %.1fs", name, interval_s)
+        await asyncio.sleep(interval_s)
