@@ -70,19 +70,33 @@ class FakeUpstream:
                     status=self.status,
                 )
             if request.path == "/v1/embeddings":
-                return web.json_response({"object": "list", "data": [
-                    {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
-                    "model": body.get("model")})
+                return web.json_response(
+                    {
+                        "object": "list",
+                        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                        "model": body.get("model"),
+                    }
+                )
             if body.get("stream"):
                 return await self._stream(request, body)
             content = f"hello from {self.name}"
-            return web.json_response({
-                "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", self.name),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-            }, headers={"X-Upstream": self.name})
+            return web.json_response(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", self.name),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                },
+                headers={"X-Upstream": self.name},
+            )
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -91,16 +105,24 @@ class FakeUpstream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(self.chunks):
-            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
-                     "model": body.get("model", self.name),
-                     "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
-                     "sent_at": time.time()}
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body.get("model", self.name),
+                "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                "sent_at": time.time(),
+            }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if self.chunk_interval_s:
                 await asyncio.sleep(self.chunk_interval_s)
-        done = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
-                "model": body.get("model", self.name),
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        done = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": body.get("model", self.name),
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
         await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
         await resp.write_eof()
         return resp

@@ -1,0 +1,207 @@
+"""Keeping the gateway informed: register, heartbeat with load, re-register, deregister.
+
+The agent registers only the roles whose backend is ready, and registers again whenever that
+set changes (a ``llama-server`` crashed, or finished loading), so the gateway's ``/ready`` and
+``/v1/models`` say what this node can serve now. Between changes it heartbeats every
+``heartbeat_interval_s`` with its load: requests in flight through the agent, and slot use
+from each ``llama-server``'s ``/slots``. A heartbeat answered 404 means the gateway forgot the
+node (it restarted): the agent registers again at once. While the gateway is unreachable the
+agent retries with back-off capped at the heartbeat interval, so a gateway that comes back is
+served again within one interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from .. import __version__
+from ..errors import GatewayError
+from ..protocol import NODE_KEY_HEADER, HeartbeatRequest, RegisterRequest, RegisterResponse
+from ..upstream import UpstreamClient, translate
+from .config import AgentConfig
+from .supervisor import Supervisor
+
+log = logging.getLogger("rolemesh.agent.registration")
+
+_FIRST_RETRY_S = 0.5
+_SLOTS_TIMEOUT_S = 1.0
+
+
+class GatewayProblem(Exception):
+    """The gateway could not be reached or refused a call; retried with back-off."""
+
+
+class Registrar:
+    """Owns this node's standing at the gateway."""
+
+    def __init__(
+        self, cfg: AgentConfig, client: UpstreamClient, supervisor: Supervisor, inflight: Callable[[], int]
+    ) -> None:
+        self.cfg = cfg
+        self._client = client
+        self._supervisor = supervisor
+        self._inflight = inflight
+        self._headers = {NODE_KEY_HEADER: cfg.node_key} if cfg.node_key else {}
+        #: Roles the gateway currently has for this node; None when it has none.
+        self.registered: tuple[str, ...] | None = None
+        self.heartbeats = 0
+        self._problem: str | None = None
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        interval = self.cfg.heartbeat_interval_s
+        backoff = _FIRST_RETRY_S
+        changed = self._supervisor.changed
+        while True:
+            try:
+                await self.tick()
+            except GatewayProblem as exc:
+                if str(exc) != self._problem:
+                    log.warning("%s; retrying (at least every %.0fs)", exc, interval)
+                self._problem = str(exc)
+                delay = min(backoff, interval)
+                backoff *= 2
+            else:
+                if self._problem is not None:
+                    log.info("gateway %s is reachable again", self.cfg.gateway_url)
+                self._problem = None
+                backoff = _FIRST_RETRY_S
+                delay = interval
+            # Wake early when a role becomes ready or goes down: the gateway should know now.
+            try:
+                async with asyncio.timeout(delay):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        """One step: (re-)register if the ready roles changed, else heartbeat."""
+        self._supervisor.changed.clear()
+        roles = tuple(self._supervisor.ready_roles())
+        if roles != self.registered:
+            if roles:
+                await self.register(roles)
+            elif self.registered is not None:
+                log.warning("no role is ready on this node; leaving the gateway until one is")
+                await self.deregister()
+            return
+        if not roles:
+            return
+        load = await self.load()
+        req = HeartbeatRequest(node_id=self.cfg.node_id, **load)
+        status, body = await self._call("POST", "/v1/nodes/heartbeat", req.model_dump(exclude_none=True))
+        if status == 404:
+            log.info("gateway does not know node %s (it restarted?); registering again", self.cfg.node_id)
+            self.registered = None
+            await self.register(roles)
+        elif status != 200:
+            raise GatewayProblem(_refusal("heartbeat", status, body))
+        else:
+            self.heartbeats += 1
+
+    async def register(self, roles: tuple[str, ...]) -> None:
+        load = await self.load()
+        req = RegisterRequest(
+            node_id=self.cfg.node_id,
+            base_url=self.cfg.base_url,
+            roles=list(roles),
+            version=__version__,
+            **load,
+        )
+        status, body = await self._call("POST", "/v1/nodes/register", req.model_dump(exclude_none=True))
+        if status not in (200, 201):
+            raise GatewayProblem(_refusal("registration", status, body))
+        self.registered = roles
+        log.info(
+            "registered node %s at %s as %s with roles %s",
+            self.cfg.node_id,
+            self.cfg.gateway_url,
+            self.cfg.base_url,
+            ", ".join(roles),
+        )
+        try:
+            answer = RegisterResponse.model_validate(body)
+        except ValueError:
+            return  # an older or newer gateway: the hint is optional
+        if self.cfg.heartbeat_interval_s >= answer.stale_after_s:
+            log.warning(
+                "heartbeat_interval_s (%gs) is not below the gateway's stale timeout (%gs): this node "
+                "will flap between fresh and stale; use at most %gs",
+                self.cfg.heartbeat_interval_s,
+                answer.stale_after_s,
+                answer.heartbeat_interval_hint_s,
+            )
+
+    async def deregister(self) -> None:
+        """Tell the gateway to forget this node (clean shutdown, or no role ready)."""
+        if self.registered is None:
+            return
+        status, body = await self._call("DELETE", f"/v1/nodes/{self.cfg.node_id}", None)
+        if status not in (200, 404):
+            raise GatewayProblem(_refusal("deregistration", status, body))
+        self.registered = None
+        log.info("deregistered node %s from %s", self.cfg.node_id, self.cfg.gateway_url)
+
+    # -- load ---------------------------------------------------------------------------
+    async def load(self) -> dict[str, int]:
+        """In-flight requests, plus slot use summed over the llama-servers that report it."""
+        out = {"inflight": self._inflight()}
+        urls = [b.url for b in self._supervisor.backends.values() if b.ready and b.url]
+        counts = await asyncio.gather(*(self._slots(url) for url in urls))
+        known = [c for c in counts if c is not None]
+        if known:
+            out["slots_total"] = sum(total for total, _ in known)
+            out["slots_busy"] = sum(busy for _, busy in known)
+        return out
+
+    async def _slots(self, url: str) -> tuple[int, int] | None:
+        """``(total, busy)`` from llama-server's ``/slots``; None where it is not offered."""
+        timeout = aiohttp.ClientTimeout(total=_SLOTS_TIMEOUT_S)
+        try:
+            async with self._client.session.get(f"{url}/slots", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return None
+                slots = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+        if not isinstance(slots, list):
+            return None
+        busy = sum(1 for s in slots if isinstance(s, dict) and _is_busy(s))
+        return len(slots), busy
+
+    # -- HTTP -----------------------------------------------------------------------------
+    async def _call(self, method: str, path: str, payload: dict[str, Any] | None) -> tuple[int, Any]:
+        url = f"{self.cfg.gateway_url}{path}"
+        timeout = aiohttp.ClientTimeout(total=self.cfg.gateway_timeout_s)
+        try:
+            async with self._client.session.request(
+                method, url, json=payload, headers=self._headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                return resp.status, body
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            err: GatewayError = translate(exc, f"gateway {self.cfg.gateway_url}")
+            raise GatewayProblem(err.message.replace("upstream ", "", 1)) from exc
+
+
+def _is_busy(slot: dict[str, Any]) -> bool:
+    # Newer llama-server reports is_processing; older ones a state (0 idle, else busy).
+    if "is_processing" in slot:
+        return bool(slot["is_processing"])
+    return bool(slot.get("state", 0) != 0)
+
+
+def _refusal(what: str, status: int, body: Any) -> str:
+    message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+    hint = ""
+    if status == 401:
+        hint = "; node_key must be one of the gateway's auth.node_api_keys"
+    return f"gateway refused {what} with HTTP {status}: {message or body}{hint}"

@@ -1,0 +1,148 @@
+"""Shared fixtures: real fake upstreams and the real gateway as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.fakes import FakeUpstream, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_KEY = "test-client-key"
+NODE_KEY = "test-node-key"
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+    """Poll ``check`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class GatewayProcess:
+    """``uvicorn rolemesh_gateway.main:app`` exactly as the guide runs it, on a free port."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.config_path = tmp / f"gateway-{self.port}.yaml"
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.config_path.write_text(text)
+        self.env = {**os.environ, "ROLE_MESH_CONFIG": str(self.config_path), **(env or {})}
+        self.log_path = tmp / f"gateway-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> GatewayProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "rolemesh_gateway.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if wait:
+            wait_until(self._up, 20, f"gateway on {self.url} (log: {self.log_path})")
+        return self
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited: {self.log_text()}")
+        return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self, key: str | None = CLIENT_KEY) -> httpx.Client:
+        headers = {"X-Api-Key": key} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[..., FakeUpstream]]:
+    started: list[FakeUpstream] = []
+
+    def make(name: str = "fake", **kw: Any) -> FakeUpstream:
+        up = FakeUpstream(name, **kw).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    def make(
+        config: dict[str, Any] | str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        wait: bool = True,
+    ) -> GatewayProcess:
+        gw = GatewayProcess(config, tmp_path, env, port)
+        started.append(gw)
+        return gw.start(wait)
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+def proxy_config(**aliases: str) -> dict[str, Any]:
+    """A config with client/node keys and one proxy alias per keyword (alias=url)."""
+    first = next(iter(aliases))
+    return {
+        "version": 1,
+        "default_model": first,
+        "auth": {"client_api_keys": [CLIENT_KEY], "node_api_keys": [NODE_KEY]},
+        "probes": {"interval_s": 0.3, "timeout_s": 0.5},
+        "models": {a: {"type": "proxy", "openai_model_name": a, "proxy_url": u} for a, u in aliases.items()},
+    }
