@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +43,7 @@ def test_guide_quick_start_commands_verbatim(upstreams: Up, tmp_path: Path) -> N
     upstreams("writer", port=8012)
     with (tmp_path / "gw.log").open("wb") as log:
         proc = subprocess.Popen(
-            "ROLE_MESH_CONFIG=configs/models.yaml uvicorn rolemesh_gateway.main:app --host 127.0.0.1 --port 8000",
+            "ROLE_MESH_CONFIG=configs/models.yaml uvicorn rolemesh_gateway.main:app --host 127.0.0.1 --port 8000",  # noqa: E501
             shell=True,
             cwd=ROOT,
             stdout=log,

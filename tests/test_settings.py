@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from rolemesh_gateway.settings import (
     ConfigError,
@@ -47,7 +48,7 @@ def test_guide_config_loads_with_defaults() -> None:
 
 def test_settings_are_frozen() -> None:
     s = parse_settings(base(), env={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.default_model = "x"  # type: ignore[misc]
 
 
