@@ -1,0 +1,301 @@
+"""Supervision of llama-server children, with a small stand-in program that behaves like one.
+
+The stand-in takes the flags the agent passes (``-m``, ``--host``, ``--port``), answers 503 on
+``/health`` while "loading", then 200, and offers ``/slots`` and a chat endpoint. Extra flags
+make it misbehave: crash at start, ignore SIGTERM, stop answering health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rolemesh_gateway.agent.config import AgentConfig, parse_config
+from rolemesh_gateway.agent.supervisor import ManagedServer, Supervisor
+from rolemesh_gateway.upstream import UpstreamClient
+from tests.conftest import wait_until
+from tests.fakes import free_port
+
+FAKE_LLAMA_SERVER = r'''
+"""A stand-in for llama-server (tests only)."""
+import argparse, json, os, signal, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+p = argparse.ArgumentParser()
+p.add_argument("-m", required=True)
+p.add_argument("--host", required=True)
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--load-delay", type=float, default=0.0)
+p.add_argument("--crash", type=int, default=None)
+p.add_argument("--ignore-term", action="store_true")
+p.add_argument("--unhealthy-after", type=float, default=None)
+p.add_argument("--slots", type=int, default=2)
+a = p.parse_args()
+if a.crash is not None:
+    print("error: failed to load model (simulated)", flush=True)
+    sys.exit(a.crash)
+if a.ignore_term:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+started = time.monotonic()
+
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        age = time.monotonic() - started
+        if self.path == "/health":
+            if age < a.load_delay:
+                return self.reply(503, {"error": {"code": 503, "message": "Loading model"}})
+            if a.unhealthy_after is not None and age > a.unhealthy_after:
+                return self.reply(500, {"error": {"code": 500, "message": "wedged"}})
+            return self.reply(200, {"status": "ok", "argv": sys.argv[1:], "pid": os.getpid()})
+        if self.path == "/slots":
+            return self.reply(200, [{"id": i, "is_processing": i == 0} for i in range(a.slots)])
+        self.reply(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(n) or b"{}")
+        self.reply(200, {
+            "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"fake llama {os.getpid()}"}}],
+            "headers": dict(self.headers),
+        })
+
+
+print(f"main: server is listening on http://{a.host}:{a.port}", flush=True)
+ThreadingHTTPServer((a.host, a.port), H).serve_forever()
+'''
+
+
+def write_fake_llama_server(directory: Path) -> tuple[Path, Path]:
+    """Write the stand-in and a dummy model file; returns (binary, model)."""
+    binary = directory / "fake-llama-server"
+    binary.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
+    binary.chmod(0o755)
+    model = directory / "tiny.gguf"
+    model.write_bytes(b"GGUF")
+    return binary, model
+
+
+def config(tmp_path: Path, *args: str, **supervisor: Any) -> AgentConfig:
+    binary, model = write_fake_llama_server(tmp_path)
+    spec = {"model": str(model), "binary": str(binary), "args": list(args)}
+    return parse_config(
+        {
+            "node_id": "n1",
+            "gateway_url": "http://127.0.0.1:9",
+            "roles": {"planner": {"llama_server": spec}},
+            "supervisor": {"backoff_initial_s": 0.1, "health_interval_s": 0.2, **supervisor},
+        },
+        env={},
+    )
+
+
+def run(cfg: AgentConfig, body: Callable[[Supervisor], Awaitable[None]]) -> None:
+    """Start a supervisor for ``cfg``, run ``body`` against it, always stop it."""
+
+    async def main() -> None:
+        client = UpstreamClient()
+        await client.start()
+        sup = Supervisor(cfg, client)
+        sup.start()
+        try:
+            async with asyncio.timeout(60):
+                await body(sup)
+        finally:
+            await sup.stop()
+            await client.close()
+
+    asyncio.run(main())
+
+
+async def until(check: Callable[[], bool], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def server(sup: Supervisor) -> ManagedServer:
+    backend = sup.backends["planner"]
+    assert isinstance(backend, ManagedServer)
+    return backend
+
+
+def test_starts_on_loopback_waits_for_health_then_serves(tmp_path: Path) -> None:
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.state == "loading", 5, "loading")
+        assert not s.ready and sup.ready_roles() == []  # /health answers 503 while loading
+        await until(lambda: s.ready, 10, "ready")
+        assert sup.ready_roles() == ["planner"]
+        assert s.url is not None and s.url.startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient() as c:
+            info = (await c.get(f"{s.url}/health")).json()
+        argv = info["argv"]
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        assert argv[-2:] == ["--load-delay", "0.5"]  # the role's own args come last
+        assert s.describe()["pid"] == info["pid"]
+
+    run(config(tmp_path, "--load-delay", "0.5"), body)
+
+
+def test_killed_child_is_restarted_and_serves_again(tmp_path: Path) -> None:
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.ready, 10, "ready")
+        assert s.proc is not None
+        first = s.proc.pid
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: not s.ready, 5, "crash noticed")
+        await until(lambda: s.ready, 10, "restarted")
+        assert s.proc is not None and s.proc.pid != first and s.restarts == 1
+        assert not alive(first)
+        async with httpx.AsyncClient() as c:
+            assert (await c.get(f"{s.url}/health")).status_code == 200
+
+    run(config(tmp_path), body)
+
+
+def test_crash_loop_backs_off_exponentially(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.restarts >= 4, 10, "several restarts")
+        assert s.state == "restarting" and not s.ready
+        assert "exited with status 3 while loading" in s.detail
+
+    caplog.set_level("WARNING", "rolemesh")
+    started = time.monotonic()
+    run(config(tmp_path, "--crash", "3", backoff_initial_s=0.1, backoff_max_s=0.4), body)
+    delays = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
+    assert "restarting in 0.1s" in delays[0] and "restarting in 0.2s" in delays[1]
+    assert "restarting in 0.4s" in delays[2] and "restarting in 0.4s" in delays[3]  # capped
+    assert "last output: error: failed to load model (simulated)" in delays[0]
+    assert time.monotonic() - started >= 0.7
+
+
+def test_load_timeout_restarts_a_server_that_never_loads(tmp_path: Path) -> None:
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.restarts >= 1, 10, "restart after load timeout")
+        assert "did not load within 0.5s (supervisor.load_timeout_s)" in s.detail
+
+    run(config(tmp_path, "--load-delay", "60", load_timeout_s=0.5), body)
+
+
+def test_unresponsive_server_is_restarted(tmp_path: Path) -> None:
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.ready, 10, "ready")
+        await until(lambda: s.restarts >= 1, 10, "restart after failed health checks")
+        assert "stopped answering /health (health answered HTTP 500)" in s.detail
+
+    run(config(tmp_path, "--unhealthy-after", "0.3", unhealthy_after=2), body)
+
+
+def test_stop_sends_term_then_kill_after_grace(tmp_path: Path) -> None:
+    pids: list[int] = []
+
+    async def body(sup: Supervisor) -> None:
+        s = server(sup)
+        await until(lambda: s.ready, 10, "ready")
+        assert s.proc is not None
+        pids.append(s.proc.pid)
+
+    started = time.monotonic()
+    run(config(tmp_path, "--ignore-term", stop_grace_s=0.5), body)
+    took = time.monotonic() - started
+    assert not alive(pids[0])
+    assert took < 8
+
+
+def test_clean_stop_is_quick(tmp_path: Path) -> None:
+    pids: list[int] = []
+    stop_times: list[float] = []
+
+    async def body(sup: Supervisor) -> None:
+        await until(lambda: server(sup).ready, 10, "ready")
+        proc = server(sup).proc
+        assert proc is not None
+        pids.append(proc.pid)
+        t = time.monotonic()
+        await sup.stop()
+        stop_times.append(time.monotonic() - t)
+
+    run(config(tmp_path, stop_grace_s=30), body)
+    assert not alive(pids[0])
+    assert stop_times[0] < 2  # SIGTERM was enough; the grace period was not waited out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_no_orphans_when_the_agent_dies(tmp_path: Path, sig: signal.Signals) -> None:
+    """The real CLI with the stand-in: after SIGKILL (or SIGTERM) of the agent no child is left."""
+    binary, model = write_fake_llama_server(tmp_path)
+    cfg = tmp_path / "agent.yaml"
+    port = free_port()
+    cfg.write_text(
+        f"node_id: n1\ngateway_url: http://127.0.0.1:9\nport: {port}\nroles:\n"
+        f"  planner: {{llama_server: {{model: {model}, binary: {binary}}}}}\n"
+        f"  writer: {{llama_server: {{model: {model}, binary: {binary}}}}}\n"
+    )
+    log = (tmp_path / "agent.log").open("wb")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "rolemesh_gateway.agent.cli", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def ready() -> bool:
+            roles = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["roles"]
+            return all(state == "ready" for state in roles.values())
+
+        wait_until(ready, 20, "both roles ready")
+        children = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(agent.pid)]).split()]
+        assert len(children) == 2 and all(alive(p) for p in children)
+        agent.send_signal(sig)
+        agent.wait(20)
+        wait_until(lambda: not any(alive(p) for p in children), 5, "children gone")
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises the signal after its graceful shutdown, as a shell expects.
+            assert agent.returncode in (0, -signal.SIGTERM)
+            assert "role planner is stopping" in (tmp_path / "agent.log").read_text()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+        log.close()
