@@ -1,0 +1,1 @@
+"""RoleMesh benchmark suite: ``bash bench/run.sh`` (see docs/benchmarks.md)."""

@@ -1,0 +1,304 @@
+"""The benchmark run: start everything, measure every case, print one Markdown report.
+
+``bash bench/run.sh`` installs what is missing and calls ``python -m bench.harness``.
+``main()`` parses options; :class:`Bench` runs the cases in order. A case that fails is
+reported and the run goes on; the exit status is 1 if any case failed or any request errored
+(a benchmark is not a test of speed, but wrong answers under load are bugs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import e2e, report
+from .procs import Proc
+from .targets import CLIENT_KEY, LITELLM_KEY, NODE_KEY, REPO, gateway_config, start_bare_relay, start_litellm, start_rolemesh
+from .upstreams import CHAT_REQUEST, start_nginx, start_sse
+from .wrk import WrkResult, run_wrk, write_script
+
+CONNECTIONS = (1, 16, 64)
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    reps: int
+    duration_s: float
+    streams: int
+    chunks: int
+    chunk_interval_s: float
+    nodes: int
+    heartbeat_s: float
+    litellm_venv: Path | None
+    litellm_skip_reason: str
+    e2e: bool
+    keep: bool
+
+
+@dataclass
+class Results:
+    nonstream: dict[str, dict[int, list[WrkResult]]] = field(default_factory=dict)
+    streaming: list[dict[str, object]] = field(default_factory=list)
+    discovery: dict[str, object] = field(default_factory=dict)
+    e2e: dict[str, object] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, opts: Options, work: Path) -> None:
+        self.o = opts
+        self.work = work
+        self.python = sys.executable
+        self.script = write_script(work)
+        self.r = Results()
+        self._procs: list[Proc] = []
+
+    def _keep(self, started: tuple[Proc, str]) -> tuple[Proc, str]:
+        self._procs.append(started[0])
+        return started
+
+    def stop_all(self) -> None:
+        while self._procs:
+            self._procs.pop().stop()
+
+    def _wrk(self, url: str, connections: int, key: str, duration_s: float | None = None) -> WrkResult:
+        return run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, connections, duration_s or self.o.duration_s, key)
+
+    def _warm(self, url: str, key: str) -> None:
+        run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, 16, 1, key)
+
+    # -- case 1: non-streaming throughput and latency ------------------------------------------
+    def nonstream(self) -> None:
+        nginx, upstream = self._keep(start_nginx(self.work))
+        say(f"nginx upstream at {upstream}")
+        targets: dict[str, tuple[str, str]] = {"nginx direct": (upstream, "")}
+        _, bare = self._keep(start_bare_relay(self.work, self.python, upstream))
+        targets["bare relay"] = (bare, "")
+        _, gw = self._keep(start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream)))
+        targets["RoleMesh"] = (gw, CLIENT_KEY)
+        self._matrix(targets)
+        if self.o.litellm_venv is None:
+            self.r.skipped["LiteLLM"] = self.o.litellm_skip_reason
+            return
+        say("starting LiteLLM (takes a few seconds)")
+        ll, ll_url = start_litellm(self.work, self.o.litellm_venv, upstream)
+        try:
+            self._matrix({"LiteLLM": (ll_url, LITELLM_KEY)})
+        finally:
+            ll.stop()
+
+    def _matrix(self, targets: dict[str, tuple[str, str]]) -> None:
+        for name, (url, key) in targets.items():
+            self._warm(url, key)
+            self.r.nonstream[name] = {c: [] for c in CONNECTIONS}
+        # Interleave reps across targets so that a noisy moment hurts all of them alike.
+        for rep in range(self.o.reps):
+            for name, (url, key) in targets.items():
+                for c in CONNECTIONS:
+                    res = self._wrk(url, c, key)
+                    self.r.nonstream[name][c].append(res)
+                    say(f"rep {rep + 1} {name} c={c}: {res.rps:,.0f} req/s p50 {res.p50_ms:.3f} ms "
+                        f"p99 {res.p99_ms:.3f} ms bad {res.bad}")
+
+    # -- case 2: many slow streams through RoleMesh ---------------------------------------------
+    def streaming(self) -> None:
+        _, sse = self._keep(start_sse(self.work, self.python, self.o.chunks, self.o.chunk_interval_s))
+        gw, url = start_rolemesh(self.work, self.python, "rolemesh-streams", gateway_config(sse))
+        try:
+            per_stream = self.o.chunks * self.o.chunk_interval_s
+            timeout = per_stream * 4 + 30
+            for rep in range(self.o.reps):
+                client = Proc(
+                    f"stream-client-{rep}",
+                    [self.python, "-m", "bench.streams", "--url", url + CHAT_PATH, "--streams",
+                     str(self.o.streams), "--chunks", str(self.o.chunks), "--timeout", str(timeout),
+                     "--key", CLIENT_KEY],
+                    self.work,
+                    cwd=str(REPO),
+                    stdout_pipe=True,
+                )
+                peak = gw.rss_mb()
+                deadline = time.monotonic() + timeout + 30
+                try:
+                    while client.alive() and time.monotonic() < deadline:
+                        peak = max(peak, gw.rss_mb())
+                        time.sleep(0.05)
+                    if client.alive():
+                        raise TimeoutError(f"stream client still running after {timeout + 30:g}s")
+                    assert client.popen.stdout is not None
+                    out = client.popen.stdout.read().decode()
+                finally:
+                    client.stop()
+                if client.popen.returncode != 0 or not out.strip():
+                    raise RuntimeError(f"stream client failed:\n{client.tail()}")
+                result = json.loads(out.strip().splitlines()[-1])
+                result["rss_mb"] = peak
+                self.r.streaming.append(result)
+                say(f"rep {rep + 1} streams: {result['completed']}/{result['streams']} completed, "
+                    f"{result['errors']} errors {result['error_kinds'] or ''}, peak open {result['peak_open']}, "
+                    f"{result['chunks_per_s']:,.0f} chunks/s, RSS {peak:.0f} MB")
+        finally:
+            gw.stop()
+
+    # -- case 3: routing with a big fleet heartbeating ------------------------------------------
+    def discovery(self) -> None:
+        nginx_url = self._nginx_url()
+        direct = self.r.nonstream.get("nginx direct", {}).get(1, [])
+        gw, url = start_rolemesh(self.work, self.python, "rolemesh-discovery", gateway_config(nginx_url))
+        d = self.r.discovery
+        try:
+            d["direct"] = list(direct)
+            for label, count in (("1 node", 1), (f"{self.o.nodes:,} nodes", self.o.nodes)):
+                rounds = self.o.reps
+                measure_s = rounds * (self.o.duration_s + 1.5) + 3
+                fleet = Proc(
+                    f"fleet-{count}",
+                    [self.python, "-m", "bench.discovery", "--gateway", url, "--node-key", NODE_KEY,
+                     "--nodes", str(count), "--base-url", nginx_url, "--interval", str(self.o.heartbeat_s),
+                     "--duration", str(measure_s + 10)],
+                    self.work,
+                    cwd=str(REPO),
+                    stdout_pipe=True,
+                )
+                try:
+                    assert fleet.popen.stdout is not None
+                    line = fleet.popen.stdout.readline().decode()  # returns once all are registered
+                    if not line:
+                        raise RuntimeError(f"fleet simulator failed:\n{fleet.tail()}")
+                    reg = json.loads(line)
+                    if reg["failed"]:
+                        raise RuntimeError(f"{reg['failed']} of {count} registrations failed")
+                    say(f"{label}: registered in {reg['seconds']:.1f}s; measuring while they heartbeat")
+                    self._warm_writer(url)
+                    runs = []
+                    for rep in range(rounds):
+                        res = self._wrk_writer(url)
+                        runs.append(res)
+                        say(f"rep {rep + 1} discovery {label}: p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms "
+                            f"{res.rps:,.0f} req/s bad {res.bad}")
+                    d[label] = runs
+                    d[f"{label} registration_s"] = reg["seconds"]
+                    fleet.popen.send_signal(15)
+                    hb = fleet.popen.stdout.readline().decode()
+                    if hb:
+                        d[f"{label} heartbeats"] = json.loads(hb)
+                finally:
+                    fleet.stop()
+            d["labels"] = ["1 node", f"{self.o.nodes:,} nodes"]
+            d["rss_mb"] = gw.rss_mb()
+        finally:
+            gw.stop()
+
+    def _nginx_url(self) -> str:
+        for p in self._procs:
+            if p.name == "nginx":
+                conf = (self.work / "nginx" / "nginx.conf").read_text()
+                port = conf.split("listen 127.0.0.1:")[1].split()[0]
+                return f"http://127.0.0.1:{port}"
+        _, url = self._keep(start_nginx(self.work))
+        return url
+
+    def _wrk_writer(self, url: str, duration_s: float | None = None, connections: int = 1) -> WrkResult:
+        body = CHAT_REQUEST.replace('"planner"', '"writer"')
+        return run_wrk(url + CHAT_PATH, self.script, body, connections, duration_s or self.o.duration_s, CLIENT_KEY)
+
+    def _warm_writer(self, url: str) -> None:
+        self._wrk_writer(url, 1, 16)
+
+    # -- case 4: real llama-server ----------------------------------------------------------------
+    def llama(self) -> None:
+        if not self.o.e2e:
+            self.r.skipped["end-to-end"] = "skipped in --quick mode (needs a llama-server build)"
+            return
+        reason = e2e.missing()
+        if reason:
+            self.r.skipped["end-to-end"] = reason
+            return
+        self.r.e2e = e2e.run(self.work, self.python, self.o.quick, say)
+
+    def run(self) -> None:
+        cases = [("non-streaming", self.nonstream), ("streaming", self.streaming),
+                 ("discovery", self.discovery), ("end-to-end", self.llama)]
+        for name, case in cases:
+            say(f"case: {name}")
+            try:
+                case()
+            except Exception as exc:  # one broken case must not hide the others' numbers
+                self.r.failed[name] = f"{exc.__class__.__name__}: {exc}"
+                say(f"case {name} FAILED:\n{traceback.format_exc()}")
+        self.stop_all()
+
+
+def _options(args: argparse.Namespace) -> Options:
+    venv = Path(args.litellm_venv) if args.litellm_venv else None
+    reason = ""
+    if args.quick and not args.with_litellm:
+        venv, reason = None, "skipped in --quick mode (installing LiteLLM takes minutes)"
+    elif venv is None or not (venv / "bin" / "litellm").exists():
+        venv, reason = None, "not installed (bench/run.sh installs it into its own venv)"
+    if args.quick:
+        return Options(True, 1, 1.0, 100, 20, 0.05, 1000, 10.0, venv, reason, args.with_e2e, args.keep)
+    return Options(False, args.reps, args.duration, args.streams, 50, 0.05, args.nodes, 10.0, venv, reason,
+                   True, args.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run.sh", description="RoleMesh benchmark suite")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: ~1 s per case, 1 rep, no LiteLLM")
+    p.add_argument("--out", help="also write the Markdown report to this file")
+    p.add_argument("--reps", type=int, default=3, help="repeats per measurement (medians are reported)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--streams", type=int, default=1000, help="concurrent streams")
+    p.add_argument("--nodes", type=int, default=10_000, help="registered nodes for the discovery case")
+    p.add_argument("--litellm-venv", default=os.environ.get("BENCH_LITELLM_VENV"))
+    p.add_argument("--with-litellm", action="store_true", help="measure LiteLLM even with --quick")
+    p.add_argument("--with-e2e", action="store_true", help="run the llama-server case even with --quick")
+    p.add_argument("--keep", action="store_true", help="keep the work directory with all logs")
+    args = p.parse_args(argv)
+    opts = _options(args)
+    work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
+    bench = Bench(opts, work)
+    started = time.monotonic()
+    try:
+        bench.run()
+    finally:
+        bench.stop_all()
+    text = report.render(bench.r, opts, time.monotonic() - started)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    bad = report.request_errors(bench.r)
+    if opts.keep or bench.r.failed or bad:
+        say(f"logs kept in {work}")
+    else:
+        with contextlib.suppress(OSError):
+            for f in sorted(work.rglob("*"), reverse=True):
+                f.rmdir() if f.is_dir() else f.unlink()
+            work.rmdir()
+    if bench.r.failed:
+        say(f"failed cases: {', '.join(bench.r.failed)}")
+        return 1
+    if bad:
+        say(f"{bad} requests or streams failed under load")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
