@@ -40,6 +40,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds to let in-flight requests and streams finish (default 30)",
+    )
+    p.add_argument(
         "--allow-insecure-bind",
         action="store_true",
         default=None,
@@ -70,7 +76,14 @@ def _summary(path: str, s: Settings) -> str:
     return "\n".join(lines)
 
 
-def serve(path: str | None, host: str, port: int, allow_insecure: bool, log_level: str | None) -> int:
+def serve(
+    path: str | None,
+    host: str,
+    port: int,
+    allow_insecure: bool,
+    log_level: str | None,
+    graceful_timeout_s: float = 30.0,
+) -> int:
     """Validate, check the bind address is safe, then run uvicorn (uvloop + httptools)."""
     setup_logging(log_level)
     try:

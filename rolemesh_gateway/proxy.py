@@ -248,7 +248,7 @@ class Forwarder:
         extra: Headers,
     ) -> None:
         tried: list[Node] = []
-        deadline = time.monotonic() + (route.queue.max_wait_s if route.queue else 0.0)
+        deadline = time.monotonic() + (route.queue.max_wait_s if route.queue is not None else 0.0)
         last: GatewayError | None = None
         for attempt in range(route.max_attempts):
             try:

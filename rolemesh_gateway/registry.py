@@ -155,7 +155,11 @@ class MemoryRegistry(NodeRegistry):
         node = self._nodes.get(req.node_id)
         if node is None:
             return None
-        node.last_seen = self.clock()
+        now = self.clock()
+        if not self.is_fresh(node, now):
+            # Back from the dead (partition healed, box rebooted): forget old failures.
+            node.failures, node.ejected_until = 0, 0.0
+        node.last_seen = now
         node.apply_load(req)
         return node
 

@@ -36,6 +36,7 @@ class FakeUpstream:
 
     name: str = "fake"
     port: int = 0
+    host: str = "127.0.0.1"
     delay_s: float = 0.0
     status: int = 200
     chunks: int = 3
@@ -49,7 +50,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, status=self.health_status)
@@ -138,9 +139,9 @@ class FakeUpstream:
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
-            runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
             loop.run_until_complete(site.start())
             server = site._server
             assert server is not None

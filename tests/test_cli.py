@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,42 @@ def test_serve_defaults_to_loopback_and_runs(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert b"NO API KEYS CONFIGURED" in err
+
+
+def test_sigterm_lets_streams_finish_then_exits(tmp_path: Path) -> None:
+    from tests.fakes import FakeUpstream
+
+    up = FakeUpstream("writer", chunks=10, chunk_interval_s=0.15).start()
+    try:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(OPEN.replace("http://127.0.0.1:9", up.url))
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rolemesh_gateway.cli",
+                "--config",
+                str(cfg),
+                "--port",
+                str(port),
+                "--graceful-timeout",
+                "5",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, 20, "cli gateway")
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={"stream": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 2:
+                    proc.terminate()
+        assert lines[-1] == "data: [DONE]" and len(lines) == 12
+        # uvicorn re-raises the signal after a clean shutdown, so "killed by SIGTERM" is success.
+        assert proc.wait(10) in (0, -signal.SIGTERM)
+    finally:
+        up.stop()

@@ -266,3 +266,21 @@ def test_bad_config_stops_uvicorn_and_cli_before_listening(
         lines = [ln for ln in result.stderr.splitlines() if "config error" in ln]
         assert len(lines) == 1 and expected in lines[0], result.stderr
         assert "Uvicorn running" not in result.stderr
+
+
+def test_client_disconnect_cancels_upstream_request(upstreams: Up, gateway: Gw) -> None:
+    up = upstreams("writer", chunks=50, chunk_interval_s=0.1, delay_s=0.0)
+    gw = gateway(proxy_config(writer=up.url))
+    with (
+        gw.client() as c,
+        c.stream("POST", "/v1/chat/completions", json={"model": "writer", "stream": True}) as r,
+    ):
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 2:
+                break
+    wait_until(lambda: up.cancelled == 1, 1.0, "the upstream stream to be cancelled")
+    up.delay_s = 5
+    with gw.client() as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/chat/completions", json={"model": "writer"}, timeout=0.3)
+    wait_until(lambda: up.cancelled == 2, 1.0, "the upstream request to be cancelled")
+    assert "Traceback" not in gw.log_text()
