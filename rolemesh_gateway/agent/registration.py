@@ -62,7 +62,7 @@ class Registrar:
                 await self.tick()
             except GatewayProblem as exc:
                 if str(exc) != self._problem:
-                    log.warning("%s; retrying (at least every %.0fs)", exc, interval)
+                    log.warning("%s; retrying (at least every %gs)", exc, interval)
                 self._problem = str(exc)
                 delay = min(backoff, interval)
                 backoff *= 2
