@@ -102,6 +102,8 @@ class Gateway:
                 if methods is None:
                     if path.startswith("/v1/nodes/") and path.count("/") == 3:
                         methods = {"DELETE": self._deregister}
+                    elif path.startswith("/v1/models/"):
+                        methods = {"GET": self._model}
                     else:
                         raise NotFound(f"no such endpoint: {scope['method']} {path}")
                 handler = methods.get(scope["method"])
@@ -215,9 +217,13 @@ class Gateway:
             data["model"] = route.rewrite_model
             body = orjson.dumps(data)
         rid = header(headers, b"x-request-id")
-        if rid is None or len(rid) > _MAX_REQUEST_ID:
+        if rid is not None and len(rid) <= _MAX_REQUEST_ID:
+            out = upstream_headers(headers, [])  # the client's id passes through
+        else:
+            if rid is not None:  # absurdly long: replace it
+                headers = [h for h in headers if h[0] != b"x-request-id"]
             rid = uuid.uuid4().hex.encode()
-        out = upstream_headers(headers, [("X-Request-ID", rid.decode("latin-1"))])
+            out = upstream_headers(headers, [("X-Request-ID", rid.decode("latin-1"))])
         path = scope["path"]
         if scope.get("query_string"):
             path = f"{path}?{scope['query_string'].decode('latin-1')}"
@@ -272,6 +278,18 @@ class Gateway:
                 "data": data,
                 "rolemesh": {"unavailable_models": unavailable, "aliases": aliases},
             },
+        )
+
+    async def _model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/models/{id}`` (what ``client.models.retrieve`` calls)."""
+        self._check_client(scope["headers"])
+        name = scope["path"][len("/v1/models/") :]
+        alias = self._names.get(name)
+        if alias is None or not self.forwarder.available(self.routes[alias])[0]:
+            raise ModelNotFound(f"model '{name}' does not exist or is not available now", param="model")
+        advertised = self.settings.advertised_name(alias)
+        await send_json(
+            send, 200, {"id": advertised, "object": "model", "created": 0, "owned_by": "rolemesh"}
         )
 
     # -- nodes ----------------------------------------------------------------------------------

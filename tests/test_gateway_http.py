@@ -92,6 +92,10 @@ def test_openai_client_plain_and_incremental_stream(upstreams: Up, gateway: Gw) 
 
 def _chat_and_stream(client: openai.OpenAI) -> None:
 
+    assert [m.id for m in client.models.list()] == ["writer"]
+    assert client.models.retrieve("writer").id == "writer"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     done = client.chat.completions.create(model="writer", messages=[{"role": "user", "content": "hi"}])
     assert done.choices[0].message.content == "hello from writer"
 
@@ -126,6 +130,11 @@ def test_bearer_auth_and_headers_forwarded(upstreams: Up, gateway: Gw) -> None:
     assert lower["x-custom"] == "kept" and lower["x-request-id"] == "req-42"
     assert lower["host"] == up.url.removeprefix("http://")
     assert seen.path == "/v1/chat/completions?x=1"
+    r = httpx.post(
+        f"{gw.url}/v1/chat/completions", headers={"X-Api-Key": CLIENT_KEY}, json={"model": "planner"}
+    )
+    generated = r.headers["x-request-id"]
+    assert len(generated) == 32 and up.seen[-1].headers["X-Request-ID"] == generated
 
 
 def test_completions_and_embeddings_routes(upstreams: Up, gateway: Gw) -> None:
