@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +44,7 @@ class Options:
     litellm_skip_reason: str
     e2e: bool
     keep: bool
+    cases: tuple[str, ...] = ("non-streaming", "streaming", "discovery", "end-to-end")
 
 
 @dataclass
@@ -77,8 +79,8 @@ class Bench:
         while self._procs:
             self._procs.pop().stop()
 
-    def _wrk(self, url: str, connections: int, key: str, duration_s: float | None = None) -> WrkResult:
-        return run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, connections, duration_s or self.o.duration_s, key)
+    def _wrk(self, url: str, connections: int, key: str, pid: int | None = None) -> WrkResult:
+        return run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, connections, self.o.duration_s, key, pid=pid)
 
     def _warm(self, url: str, key: str) -> None:
         run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, 16, 1, key)
@@ -87,11 +89,11 @@ class Bench:
     def nonstream(self) -> None:
         nginx, upstream = self._keep(start_nginx(self.work))
         say(f"nginx upstream at {upstream}")
-        targets: dict[str, tuple[str, str]] = {"nginx direct": (upstream, "")}
-        _, bare = self._keep(start_bare_relay(self.work, self.python, upstream))
-        targets["bare relay"] = (bare, "")
-        _, gw = self._keep(start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream)))
-        targets["RoleMesh"] = (gw, CLIENT_KEY)
+        targets: dict[str, tuple[str, str, int | None]] = {"nginx direct": (upstream, "", None)}
+        bare_proc, bare = self._keep(start_bare_relay(self.work, self.python, upstream))
+        targets["bare relay"] = (bare, "", bare_proc.pid)
+        gw_proc, gw = self._keep(start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream)))
+        targets["RoleMesh"] = (gw, CLIENT_KEY, gw_proc.pid)
         self._matrix(targets)
         if self.o.litellm_venv is None:
             self.r.skipped["LiteLLM"] = self.o.litellm_skip_reason
@@ -99,19 +101,19 @@ class Bench:
         say("starting LiteLLM (takes a few seconds)")
         ll, ll_url = start_litellm(self.work, self.o.litellm_venv, upstream)
         try:
-            self._matrix({"LiteLLM": (ll_url, LITELLM_KEY)})
+            self._matrix({"LiteLLM": (ll_url, LITELLM_KEY, ll.pid)})
         finally:
             ll.stop()
 
-    def _matrix(self, targets: dict[str, tuple[str, str]]) -> None:
-        for name, (url, key) in targets.items():
+    def _matrix(self, targets: dict[str, tuple[str, str, int | None]]) -> None:
+        for name, (url, key, _) in targets.items():
             self._warm(url, key)
             self.r.nonstream[name] = {c: [] for c in CONNECTIONS}
         # Interleave reps across targets so that a noisy moment hurts all of them alike.
         for rep in range(self.o.reps):
-            for name, (url, key) in targets.items():
+            for name, (url, key, pid) in targets.items():
                 for c in CONNECTIONS:
-                    res = self._wrk(url, c, key)
+                    res = self._wrk(url, c, key, pid)
                     self.r.nonstream[name][c].append(res)
                     say(f"rep {rep + 1} {name} c={c}: {res.rps:,.0f} req/s p50 {res.p50_ms:.3f} ms "
                         f"p99 {res.p99_ms:.3f} ms bad {res.bad}")
@@ -236,6 +238,8 @@ class Bench:
         cases = [("non-streaming", self.nonstream), ("streaming", self.streaming),
                  ("discovery", self.discovery), ("end-to-end", self.llama)]
         for name, case in cases:
+            if name not in self.o.cases:
+                continue
             say(f"case: {name}")
             try:
                 case()
@@ -270,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-litellm", action="store_true", help="measure LiteLLM even with --quick")
     p.add_argument("--with-e2e", action="store_true", help="run the llama-server case even with --quick")
     p.add_argument("--keep", action="store_true", help="keep the work directory with all logs")
+    p.add_argument(
+        "--cases",
+        default="non-streaming,streaming,discovery,end-to-end",
+        help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end",
+    )
     args = p.parse_args(argv)
-    opts = _options(args)
+    opts = dataclasses.replace(_options(args), cases=tuple(c.strip() for c in args.cases.split(",")))
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)
     started = time.monotonic()

@@ -36,6 +36,18 @@ def http_status(url: str, timeout_s: float = 1.0, headers: dict[str, str] | None
         return None
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 class ProcessDied(RuntimeError):
     """A child exited while we waited for it."""
 
@@ -89,6 +101,10 @@ class Proc:
         except OSError:
             pass
         return 0.0
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds used so far by the process itself (from /proc)."""
+        return cpu_seconds(self.pid)
 
     def wait_http(self, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
         """Poll ``url`` until it answers with a status below 500 (bounded by ``timeout_s``).

@@ -35,6 +35,11 @@ def _bad(runs: list[WrkResult]) -> int:
     return sum(r.bad for r in runs)
 
 
+def _cpu(runs: list[WrkResult]) -> str:
+    values = [r.cpu_us for r in runs if r.cpu_us is not None]
+    return f"{med(values):,.0f}" if values else "-"
+
+
 def _ms(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
 
@@ -104,8 +109,8 @@ def _nonstream(r: Results) -> list[str]:
     out = [
         "### Non-streaming: POST /v1/chat/completions\n",
         "| target | req/s c=1 | req/s c=16 | req/s c=64 | p50 c=1 (ms) | p99 c=1 (ms) "
-        "| p50 c=64 (ms) | p99 c=64 (ms) | non-2xx + socket errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| p50 c=64 (ms) | p99 c=64 (ms) | CPU µs/req c=64 | non-2xx + socket errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in TARGET_ORDER:
         by_c = r.nonstream.get(name)
@@ -114,7 +119,8 @@ def _nonstream(r: Results) -> list[str]:
         bad = sum(_bad(v) for v in by_c.values())
         out.append(
             f"| {name} | {_rps(by_c[1]):,.0f} | {_rps(by_c[16]):,.0f} | {_rps(by_c[64]):,.0f} "
-            f"| {_ms(_p50(by_c[1]))} | {_ms(_p99(by_c[1]))} | {_ms(_p50(by_c[64]))} | {_ms(_p99(by_c[64]))} | {bad} |"
+            f"| {_ms(_p50(by_c[1]))} | {_ms(_p99(by_c[1]))} | {_ms(_p50(by_c[64]))} | {_ms(_p99(by_c[64]))} "
+            f"| {_cpu(by_c[64])} | {bad} |"
         )
     out.append("")
     rows = _ratios(r)
@@ -187,16 +193,18 @@ def _discovery(r: Results) -> list[str]:
 
 
 def _e2e(r: Results) -> list[str]:
-    e = r.e2e
+    e: dict[str, Any] = r.e2e
     if not e:
         return []
     out = [
-        f"### End to end: real llama-server, tiny model, {e['max_tokens']} tokens per request\n",
+        f"### End to end: real llama-server, tiny model, {e['max_tokens']} tokens per request, "
+        f"{e['requests']} sequential requests per run\n",
         "| path | tokens/s, streaming | tokens/s, non-streaming |",
         "| --- | ---: | ---: |",
     ]
     for label in e["paths"]:
         out.append(f"| {label} | {e[label]['stream']:,.0f} | {e[label]['plain']:,.0f} |")
+    out.append(f"| through / direct | {e['ratio_stream'] * 100:.1f}% | {e['ratio_plain'] * 100:.1f}% |")
     out.append("")
     return out
 

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .procs import cpu_seconds
+
 _LUA = r"""
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
@@ -47,6 +49,8 @@ class WrkResult:
     requests: int
     non2xx: int
     socket_errors: int
+    #: CPU time the target process spent per request (None when not measured).
+    cpu_us: float | None = None
 
     @property
     def bad(self) -> int:
@@ -74,6 +78,7 @@ def run_wrk(
     duration_s: float,
     key: str = "",
     timeout_s: float = 10.0,
+    pid: int | None = None,
 ) -> WrkResult:
     """One wrk run against ``url``; raises if wrk fails or prints no result."""
     threads = 1 if connections < 16 else 2
@@ -88,9 +93,11 @@ def run_wrk(
         url,
     ]
     env = {"BENCH_BODY": body, "BENCH_KEY": key, "PATH": "/usr/bin:/bin"}
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     proc = subprocess.run(
         argv, capture_output=True, text=True, env=env, timeout=duration_s + timeout_s + 30, check=False
     )
+    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout[-500:]}")
@@ -103,4 +110,5 @@ def run_wrk(
         requests=r["requests"],
         non2xx=r["non2xx"],
         socket_errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
+        cpu_us=cpu * 1e6 / r["requests"] if pid and r["requests"] else None,
     )
