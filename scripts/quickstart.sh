@@ -73,8 +73,7 @@ else
     if [[ ! -f "$MODEL" ]]; then
         step "writing the tiny random-weight test model (a few seconds)"
         mkdir -p "$(dirname "$MODEL")"
-        .venv/bin/python scripts/make_tiny_model.py --out "$MODEL.partial"
-        mv -f "$MODEL.partial" "$MODEL"
+        .venv/bin/python scripts/make_tiny_model.py --out "$MODEL"   # writes atomically
     fi
     # Random weights never say "stop": -n bounds each answer. chatml: the model has no template.
     ARGS='["-c", "512", "-n", "48", "-t", "1", "--chat-template", "chatml"]'

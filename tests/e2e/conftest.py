@@ -24,7 +24,11 @@ import yaml
 from tests.conftest import ROOT, wait_until
 from tests.fakes import free_port
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rolemesh"
+#: The cache scripts/llama_server.sh and scripts/quickstart.sh use too.
+CACHE = Path(
+    os.environ.get("ROLE_MESH_CACHE_DIR")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rolemesh"
+)
 #: The first end-to-end test may have to build llama-server (about 4 minutes on 2 cores).
 BUILD_TIMEOUT_S = 1500
 AGENT_BIN = Path(sys.executable).parent / "rolemesh-node-agent"
@@ -162,14 +166,12 @@ def tiny_model() -> Path:
     if given:
         return Path(given)
     path = CACHE / "models" / "tiny-llama.gguf"
-    if not path.is_file():
+    if not path.is_file():  # the script writes atomically: no half-written model is ever cached
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.gguf")
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(partial)],
+            [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(path)],
             cwd=ROOT,
             check=True,
             timeout=600,
         )
-        partial.rename(path)
     return path
