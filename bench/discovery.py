@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -50,7 +51,9 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.gather(*(register(i, n) for i, n in enumerate(ids)))
         reg_s = time.monotonic() - t0
         print(
-            orjson.dumps({"registered": len(ids) - len(failed), "failed": len(failed), "seconds": reg_s}).decode(),
+            orjson.dumps(
+                {"registered": len(ids) - len(failed), "failed": len(failed), "seconds": reg_s}
+            ).decode(),
             flush=True,
         )
         if failed:
@@ -63,8 +66,10 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 async with sem:
                     status = await _post(
-                        session, args.gateway + "/v1/nodes/heartbeat",
-                        orjson.dumps({"node_id": node_id, "inflight": 0}), args.node_key,
+                        session,
+                        args.gateway + "/v1/nodes/heartbeat",
+                        orjson.dumps({"node_id": node_id, "inflight": 0}),
+                        args.node_key,
                     )
                 counts["ok" if status == 200 else "bad"] += 1
             except (aiohttp.ClientError, OSError, TimeoutError):
@@ -85,15 +90,15 @@ async def run(args: argparse.Namespace) -> None:
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 k += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.01)
-            except TimeoutError:
-                pass
         for task in list(inflight):
             task.cancel()
         await asyncio.gather(*inflight, return_exceptions=True)
         elapsed = time.monotonic() - start
-        print(orjson.dumps({**counts, "seconds": elapsed, "per_s": counts["ok"] / elapsed}).decode(), flush=True)
+        print(
+            orjson.dumps({**counts, "seconds": elapsed, "per_s": counts["ok"] / elapsed}).decode(), flush=True
+        )
 
 
 def main() -> None:

@@ -22,10 +22,13 @@ from pathlib import Path
 import aiohttp
 
 from .procs import Proc, free_port
-from .targets import CLIENT_KEY, NODE_KEY, REPO, gateway_config, start_rolemesh
+from .targets import CLIENT_KEY, NODE_KEY, REPO, gateway_config, source_env, start_rolemesh
 
 NEEDS = ("scripts/llama_server.sh", "scripts/make_tiny_model.py")
-CACHE = Path(os.environ.get("ROLE_MESH_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rolemesh")
+CACHE = Path(
+    os.environ.get("ROLE_MESH_CACHE_DIR")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rolemesh"
+)
 AGENT = Path(sys.executable).parent / "rolemesh-node-agent"
 
 
@@ -43,8 +46,12 @@ def llama_server(say: Callable[[str], None]) -> str:
     """The real llama-server, via the project's script (builds it once, ~4 min, if not cached)."""
     say("finding llama-server (scripts/llama_server.sh builds it once if needed, ~4 minutes)")
     out = subprocess.run(
-        ["bash", str(REPO / "scripts" / "llama_server.sh")], cwd=REPO, stdout=subprocess.PIPE,
-        text=True, timeout=1800, check=False,
+        ["bash", str(REPO / "scripts" / "llama_server.sh")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+        check=False,
     )
     if out.returncode != 0 or not out.stdout.strip():
         raise RuntimeError(f"scripts/llama_server.sh failed with {out.returncode}")
@@ -61,8 +68,12 @@ def tiny_model(python: str, say: Callable[[str], None]) -> Path:
         say("writing the tiny test model")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".bench-partial.gguf")
-        subprocess.run([python, str(REPO / "scripts" / "make_tiny_model.py"), "--out", str(partial)],
-                       cwd=REPO, check=True, timeout=600)
+        subprocess.run(
+            [python, str(REPO / "scripts" / "make_tiny_model.py"), "--out", str(partial)],
+            cwd=REPO,
+            check=True,
+            timeout=600,
+        )
         partial.rename(path)
     return path
 
@@ -90,7 +101,9 @@ def _llama_port(agent_pid: int) -> int:
     raise RuntimeError("the node agent has no llama-server child")
 
 
-async def _one(session: aiohttp.ClientSession, url: str, key: str, stream: bool, tokens: int) -> tuple[int, float]:
+async def _one(
+    session: aiohttp.ClientSession, url: str, key: str, stream: bool, tokens: int
+) -> tuple[int, float]:
     body = {
         "model": "writer",
         "messages": [{"role": "user", "content": "Write a long story."}],
@@ -119,31 +132,46 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, stream: bool,
         return n, time.perf_counter() - t0
 
 
-async def _measure(paths: dict[str, tuple[str, str]], reps: int, requests: int, tokens: int,
-                   say: Callable[[str], None]) -> dict[str, dict[str, list[float]]]:
+async def _measure(
+    paths: dict[str, tuple[str, str]], reps: int, requests: int, tokens: int, say: Callable[[str], None]
+) -> dict[str, dict[str, list[float]]]:
+    """tokens/s per path and mode; requests alternate between the paths one by one, so that
+    whatever else the machine does at a moment costs both paths alike."""
     out: dict[str, dict[str, list[float]]] = {p: {"stream": [], "plain": []} for p in paths}
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for url, key in paths.values():  # warm-up: prompt cache, pooled connections
-            await _one(session, url, key, True, 16)
+    # llama-server closes its end after a streamed response although it announced keep-alive,
+    # so a pooled connection to it fails on the next request: a fresh connection each time.
+    direct = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
+    pooled = aiohttp.ClientSession(timeout=timeout)
+    async with direct, pooled:
+        sessions = {label: direct if not key else pooled for label, (_, key) in paths.items()}
+        for label, (url, key) in paths.items():  # warm-up: prompt cache, pooled connections
+            await _one(sessions[label], url, key, True, 16)
         for rep in range(reps):
             for mode in ("stream", "plain"):
-                for label, (url, key) in paths.items():
-                    n, secs = 0, 0.0
-                    for _ in range(requests):
-                        got, took = await _one(session, url, key, mode == "stream", tokens)
-                        n, secs = n + got, secs + took
+                got = {label: [0, 0.0] for label in paths}
+                for _ in range(requests):
+                    for label, (url, key) in paths.items():
+                        n, took = await _one(sessions[label], url, key, mode == "stream", tokens)
+                        got[label][0] += n
+                        got[label][1] += took
+                for label, (n, secs) in got.items():
                     out[label][mode].append(n / secs)
-                    say(f"rep {rep + 1} e2e {label} {mode}: {n / secs:,.0f} tokens/s")
+                say(
+                    f"rep {rep + 1} e2e {mode}: "
+                    + ", ".join(f"{label} {n / secs:,.0f} tokens/s" for label, (n, secs) in got.items())
+                )
     return out
 
 
-def run(work: Path, python: str, quick: bool, say: Callable[[str], None]) -> dict[str, object]:
+def run(
+    work: Path, python: str, quick: bool, reps: int, say: Callable[[str], None], src: Path | None = None
+) -> dict[str, object]:
     binary = llama_server(say)
     model = tiny_model(python, say)
-    tokens, requests, reps = (64, 3, 1) if quick else (256, 8, 3)
+    tokens, requests = (64, 3) if quick else (256, 25)
     agent_port = free_port()
-    gw, gw_url = start_rolemesh(work, python, "rolemesh-e2e", gateway_config("http://127.0.0.1:9"))
+    gw, gw_url = start_rolemesh(work, python, "rolemesh-e2e", gateway_config("http://127.0.0.1:9"), src)
     agent: Proc | None = None
     try:
         cfg = {
@@ -165,7 +193,8 @@ def run(work: Path, python: str, quick: bool, say: Callable[[str], None]) -> dic
         }
         path = work / "agent.yaml"
         path.write_text(json.dumps(cfg, indent=2))
-        agent = Proc("node-agent", [str(AGENT), "--config", str(path)], work, cwd=str(REPO))
+        env, cwd = source_env(src)
+        agent = Proc("node-agent", [str(AGENT), "--config", str(path)], work, env=env, cwd=cwd)
         say("waiting for the node agent's llama-server to load and the agent to register")
         deadline = time.monotonic() + 300
         while not _writer_listed(gw_url):

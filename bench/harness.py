@@ -22,7 +22,16 @@ from pathlib import Path
 
 from . import e2e, report
 from .procs import Proc
-from .targets import CLIENT_KEY, LITELLM_KEY, NODE_KEY, REPO, gateway_config, start_bare_relay, start_litellm, start_rolemesh
+from .targets import (
+    CLIENT_KEY,
+    LITELLM_KEY,
+    NODE_KEY,
+    REPO,
+    gateway_config,
+    start_bare_relay,
+    start_litellm,
+    start_rolemesh,
+)
 from .upstreams import CHAT_REQUEST, start_nginx, start_sse
 from .wrk import WrkResult, run_wrk, write_script
 
@@ -45,6 +54,8 @@ class Options:
     e2e: bool
     keep: bool
     cases: tuple[str, ...] = ("non-streaming", "streaming", "discovery", "end-to-end")
+    #: Run the gateway (and node agent) from this source tree instead of the installed package.
+    gateway_src: Path | None = None
 
 
 @dataclass
@@ -80,19 +91,23 @@ class Bench:
             self._procs.pop().stop()
 
     def _wrk(self, url: str, connections: int, key: str, pid: int | None = None) -> WrkResult:
-        return run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, connections, self.o.duration_s, key, pid=pid)
+        return run_wrk(
+            url + CHAT_PATH, self.script, CHAT_REQUEST, connections, self.o.duration_s, key, pid=pid
+        )
 
     def _warm(self, url: str, key: str) -> None:
         run_wrk(url + CHAT_PATH, self.script, CHAT_REQUEST, 16, 1, key)
 
     # -- case 1: non-streaming throughput and latency ------------------------------------------
     def nonstream(self) -> None:
-        nginx, upstream = self._keep(start_nginx(self.work))
+        _, upstream = self._keep(start_nginx(self.work))
         say(f"nginx upstream at {upstream}")
         targets: dict[str, tuple[str, str, int | None]] = {"nginx direct": (upstream, "", None)}
         bare_proc, bare = self._keep(start_bare_relay(self.work, self.python, upstream))
         targets["bare relay"] = (bare, "", bare_proc.pid)
-        gw_proc, gw = self._keep(start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream)))
+        gw_proc, gw = self._keep(
+            start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream), self.o.gateway_src)
+        )
         targets["RoleMesh"] = (gw, CLIENT_KEY, gw_proc.pid)
         self._matrix(targets)
         if self.o.litellm_venv is None:
@@ -115,22 +130,38 @@ class Bench:
                 for c in CONNECTIONS:
                     res = self._wrk(url, c, key, pid)
                     self.r.nonstream[name][c].append(res)
-                    say(f"rep {rep + 1} {name} c={c}: {res.rps:,.0f} req/s p50 {res.p50_ms:.3f} ms "
-                        f"p99 {res.p99_ms:.3f} ms bad {res.bad}")
+                    say(
+                        f"rep {rep + 1} {name} c={c}: {res.rps:,.0f} req/s p50 {res.p50_ms:.3f} ms "
+                        f"p99 {res.p99_ms:.3f} ms bad {res.bad}"
+                    )
 
     # -- case 2: many slow streams through RoleMesh ---------------------------------------------
     def streaming(self) -> None:
         _, sse = self._keep(start_sse(self.work, self.python, self.o.chunks, self.o.chunk_interval_s))
-        gw, url = start_rolemesh(self.work, self.python, "rolemesh-streams", gateway_config(sse))
+        gw, url = start_rolemesh(
+            self.work, self.python, "rolemesh-streams", gateway_config(sse), self.o.gateway_src
+        )
         try:
             per_stream = self.o.chunks * self.o.chunk_interval_s
             timeout = per_stream * 4 + 30
             for rep in range(self.o.reps):
                 client = Proc(
                     f"stream-client-{rep}",
-                    [self.python, "-m", "bench.streams", "--url", url + CHAT_PATH, "--streams",
-                     str(self.o.streams), "--chunks", str(self.o.chunks), "--timeout", str(timeout),
-                     "--key", CLIENT_KEY],
+                    [
+                        self.python,
+                        "-m",
+                        "bench.streams",
+                        "--url",
+                        url + CHAT_PATH,
+                        "--streams",
+                        str(self.o.streams),
+                        "--chunks",
+                        str(self.o.chunks),
+                        "--timeout",
+                        str(timeout),
+                        "--key",
+                        CLIENT_KEY,
+                    ],
                     self.work,
                     cwd=str(REPO),
                     stdout_pipe=True,
@@ -152,9 +183,12 @@ class Bench:
                 result = json.loads(out.strip().splitlines()[-1])
                 result["rss_mb"] = peak
                 self.r.streaming.append(result)
-                say(f"rep {rep + 1} streams: {result['completed']}/{result['streams']} completed, "
-                    f"{result['errors']} errors {result['error_kinds'] or ''}, peak open {result['peak_open']}, "
-                    f"{result['chunks_per_s']:,.0f} chunks/s, RSS {peak:.0f} MB")
+                say(
+                    f"rep {rep + 1} streams: {result['completed']}/{result['streams']} completed, "
+                    f"{result['errors']} errors {result['error_kinds'] or ''}, "
+                    f"peak open {result['peak_open']}, "
+                    f"{result['chunks_per_s']:,.0f} chunks/s, RSS {peak:.0f} MB"
+                )
         finally:
             gw.stop()
 
@@ -162,7 +196,9 @@ class Bench:
     def discovery(self) -> None:
         nginx_url = self._nginx_url()
         direct = self.r.nonstream.get("nginx direct", {}).get(1, [])
-        gw, url = start_rolemesh(self.work, self.python, "rolemesh-discovery", gateway_config(nginx_url))
+        gw, url = start_rolemesh(
+            self.work, self.python, "rolemesh-discovery", gateway_config(nginx_url), self.o.gateway_src
+        )
         d = self.r.discovery
         try:
             d["direct"] = list(direct)
@@ -171,9 +207,23 @@ class Bench:
                 measure_s = rounds * (self.o.duration_s + 1.5) + 3
                 fleet = Proc(
                     f"fleet-{count}",
-                    [self.python, "-m", "bench.discovery", "--gateway", url, "--node-key", NODE_KEY,
-                     "--nodes", str(count), "--base-url", nginx_url, "--interval", str(self.o.heartbeat_s),
-                     "--duration", str(measure_s + 10)],
+                    [
+                        self.python,
+                        "-m",
+                        "bench.discovery",
+                        "--gateway",
+                        url,
+                        "--node-key",
+                        NODE_KEY,
+                        "--nodes",
+                        str(count),
+                        "--base-url",
+                        nginx_url,
+                        "--interval",
+                        str(self.o.heartbeat_s),
+                        "--duration",
+                        str(measure_s + 10),
+                    ],
                     self.work,
                     cwd=str(REPO),
                     stdout_pipe=True,
@@ -192,8 +242,11 @@ class Bench:
                     for rep in range(rounds):
                         res = self._wrk_writer(url)
                         runs.append(res)
-                        say(f"rep {rep + 1} discovery {label}: p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms "
-                            f"{res.rps:,.0f} req/s bad {res.bad}")
+                        say(
+                            f"rep {rep + 1} discovery {label}: p50 {res.p50_ms:.3f} ms "
+                            f"p99 {res.p99_ms:.3f} ms "
+                            f"{res.rps:,.0f} req/s bad {res.bad}"
+                        )
                     d[label] = runs
                     d[f"{label} registration_s"] = reg["seconds"]
                     fleet.popen.send_signal(15)
@@ -218,7 +271,9 @@ class Bench:
 
     def _wrk_writer(self, url: str, duration_s: float | None = None, connections: int = 1) -> WrkResult:
         body = CHAT_REQUEST.replace('"planner"', '"writer"')
-        return run_wrk(url + CHAT_PATH, self.script, body, connections, duration_s or self.o.duration_s, CLIENT_KEY)
+        return run_wrk(
+            url + CHAT_PATH, self.script, body, connections, duration_s or self.o.duration_s, CLIENT_KEY
+        )
 
     def _warm_writer(self, url: str) -> None:
         self._wrk_writer(url, 1, 16)
@@ -232,11 +287,15 @@ class Bench:
         if reason:
             self.r.skipped["end-to-end"] = reason
             return
-        self.r.e2e = e2e.run(self.work, self.python, self.o.quick, say)
+        self.r.e2e = e2e.run(self.work, self.python, self.o.quick, self.o.reps, say, self.o.gateway_src)
 
     def run(self) -> None:
-        cases = [("non-streaming", self.nonstream), ("streaming", self.streaming),
-                 ("discovery", self.discovery), ("end-to-end", self.llama)]
+        cases = [
+            ("non-streaming", self.nonstream),
+            ("streaming", self.streaming),
+            ("discovery", self.discovery),
+            ("end-to-end", self.llama),
+        ]
         for name, case in cases:
             if name not in self.o.cases:
                 continue
@@ -258,8 +317,20 @@ def _options(args: argparse.Namespace) -> Options:
         venv, reason = None, "not installed (bench/run.sh installs it into its own venv)"
     if args.quick:
         return Options(True, 1, 1.0, 100, 20, 0.05, 1000, 10.0, venv, reason, args.with_e2e, args.keep)
-    return Options(False, args.reps, args.duration, args.streams, 50, 0.05, args.nodes, 10.0, venv, reason,
-                   True, args.keep)
+    return Options(
+        False,
+        args.reps,
+        args.duration,
+        args.streams,
+        50,
+        0.05,
+        args.nodes,
+        10.0,
+        venv,
+        reason,
+        True,
+        args.keep,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-e2e", action="store_true", help="run the llama-server case even with --quick")
     p.add_argument("--keep", action="store_true", help="keep the work directory with all logs")
     p.add_argument(
+        "--gateway-src", help="run the gateway and node agent from this source tree (A/B a change)"
+    )
+    p.add_argument(
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
         help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end",
     )
     args = p.parse_args(argv)
-    opts = dataclasses.replace(_options(args), cases=tuple(c.strip() for c in args.cases.split(",")))
+    opts = dataclasses.replace(
+        _options(args),
+        cases=tuple(c.strip() for c in args.cases.split(",")),
+        gateway_src=Path(args.gateway_src).resolve() if args.gateway_src else None,
+    )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)
     started = time.monotonic()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,22 +52,17 @@ def _x(x: float) -> str:
 
 def machine() -> str:
     cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     mem = ""
-    try:
-        kb = int(open("/proc/meminfo").readline().split()[1])
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
     return (
-        f"{os.cpu_count()} cores ({cpu}){mem}, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
+        f"{os.cpu_count()} cores ({cpu}){mem}, Linux {platform.release()}, Python {platform.python_version()}"
     )
 
 
@@ -89,6 +86,8 @@ def render(r: Results, o: Options, elapsed_s: float) -> str:
         f"connections POSTing a chat completion; every target relays to the same nginx (1 worker) "
         f"that returns a fixed chat completion. Single process each. Took {elapsed_s:.0f} s.\n"
     )
+    if o.gateway_src is not None:
+        out.append(f"RoleMesh ran from the source tree `{o.gateway_src}`, not this checkout.\n")
     for name, why in r.skipped.items():
         out.append(f"- **{name}**: {why}")
     for name, why in r.failed.items():
@@ -143,10 +142,12 @@ def _ratios(r: Results) -> list[tuple[str, str]]:
     if direct:
         for name in ("bare relay", "RoleMesh", "LiteLLM"):
             if name in ns:
-                rows.append((f"{name}: added p50 over direct, c=1",
-                             f"{_ms(_p50(ns[name][1]) - _p50(direct[1]))} ms"))
-                rows.append((f"{name}: added p99 over direct, c=1",
-                             f"{_ms(_p99(ns[name][1]) - _p99(direct[1]))} ms"))
+                rows.append(
+                    (f"{name}: added p50 over direct, c=1", f"{_ms(_p50(ns[name][1]) - _p50(direct[1]))} ms")
+                )
+                rows.append(
+                    (f"{name}: added p99 over direct, c=1", f"{_ms(_p99(ns[name][1]) - _p99(direct[1]))} ms")
+                )
     return rows
 
 
@@ -162,7 +163,8 @@ def _streaming(r: Results, o: Options) -> list[str]:
         "| stream time p50 / max (s) | gateway RSS peak (MB) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {o.streams:,} | {med([x['completed'] for x in s]):,.0f} | {sum(int(x['errors']) for x in s)} "
-        f"| {med([x['peak_open'] for x in s]):,.0f} | {med([x['chunks_per_s'] for x in s]):,.0f} | {ideal:,.0f} "
+        f"| {med([x['peak_open'] for x in s]):,.0f} | {med([x['chunks_per_s'] for x in s]):,.0f} "
+        f"| {ideal:,.0f} "
         f"| {med([x['p50_stream_s'] for x in s]):.2f} / {max(x['max_stream_s'] for x in s):.2f} "
         f"| {max(x['rss_mb'] for x in s):.0f} |",
         "",
@@ -176,7 +178,8 @@ def _discovery(r: Results) -> list[str]:
         return []
     direct = _p50(d.get("direct") or [])
     out = [
-        "### Discovery at scale: routed requests (c=1) to a `discovered` alias while the fleet heartbeats every 10 s\n",
+        "### Discovery at scale: routed requests (c=1) to a `discovered` alias "
+        "while the fleet heartbeats every 10 s\n",
         "| fleet | registration (s) | heartbeats/s answered | p50 (ms) | added p50 over direct (ms) "
         "| p99 (ms) | req/s | non-2xx |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -198,7 +201,7 @@ def _e2e(r: Results) -> list[str]:
         return []
     out = [
         f"### End to end: real llama-server, tiny model, {e['max_tokens']} tokens per request, "
-        f"{e['requests']} sequential requests per run\n",
+        f"{e['requests']} sequential requests per path and run, alternating between the paths\n",
         "| path | tokens/s, streaming | tokens/s, non-streaming |",
         "| --- | ---: | ---: |",
     ]
@@ -220,21 +223,31 @@ def _targets(r: Results, o: Options) -> list[str]:
         vs_ll = _rps(rm[64]) / _rps(ll[64]) if ll else float("nan")
         vs_bare = _rps(rm[64]) / _rps(bare[64]) if bare else float("nan")
         bad = sum(_bad(v) for v in rm.values())
-        row("1", "c=64: >= 30x LiteLLM, >= 0.6x bare relay, zero non-2xx",
+        row(
+            "1",
+            "c=64: >= 30x LiteLLM, >= 0.6x bare relay, zero non-2xx",
             f"{_x(vs_ll)} LiteLLM, {_x(vs_bare)} bare, {bad} bad",
-            None if not ll or not bare else (vs_ll >= 30 and vs_bare >= 0.6 and bad == 0))
+            None if not ll or not bare else (vs_ll >= 30 and vs_bare >= 0.6 and bad == 0),
+        )
         if direct:
             a50 = _p50(rm[1]) - _p50(direct[1])
             a99 = _p99(rm[1]) - _p99(direct[1])
-            row("2", "added latency c=1: p50 <= 0.3 ms, p99 <= 1 ms", f"p50 +{_ms(a50)} ms, p99 +{_ms(a99)} ms",
-                a50 <= 0.3 and a99 <= 1.0)
+            row(
+                "2",
+                "added latency c=1: p50 <= 0.3 ms, p99 <= 1 ms",
+                f"p50 +{_ms(a50)} ms, p99 +{_ms(a99)} ms",
+                a50 <= 0.3 and a99 <= 1.0,
+            )
     if r.streaming:
         errors = sum(int(x["errors"]) for x in r.streaming)
         rss = max(x["rss_mb"] for x in r.streaming)
         done = min(x["completed"] for x in r.streaming)
-        row("3", "1,000 concurrent streams, zero errors, RSS < 300 MB",
+        row(
+            "3",
+            "1,000 concurrent streams, zero errors, RSS < 300 MB",
             f"{o.streams:,} streams: {done:,} completed (worst run), {errors} errors, {rss:.0f} MB",
-            None if o.streams < 1000 else (errors == 0 and rss < 300 and done == o.streams))
+            None if o.streams < 1000 else (errors == 0 and rss < 300 and done == o.streams),
+        )
     if r.e2e:
         ratio = r.e2e["ratio"]
         row("4", "tokens/s through gateway + agent >= 98% of direct", f"{ratio * 100:.1f}%", ratio >= 0.98)
@@ -243,9 +256,18 @@ def _targets(r: Results, o: Options) -> list[str]:
         direct50 = _p50(d["direct"])
         one, many = (_p50(d[label]) - direct50 for label in d["labels"])
         ratio = many / one if one > 0 else float("nan")
-        row("5", "10,000 nodes heartbeating: added p50 within 10% of 1 node",
+        row(
+            "5",
+            "10,000 nodes heartbeating: added p50 within 10% of 1 node",
             f"{d['labels'][1]}: +{_ms(many)} ms vs +{_ms(one)} ms ({ratio * 100:.0f}%)",
-            None if o.nodes < 10_000 else ratio <= 1.10)
+            None if o.nodes < 10_000 else ratio <= 1.10,
+        )
     if not rows:
         return []
-    return ["### Targets (issue 5)\n", "| # | target | measured | holds |", "| --- | --- | --- | --- |", *rows, ""]
+    return [
+        "### Targets (issue 5)\n",
+        "| # | target | measured | holds |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]

@@ -63,7 +63,7 @@ class _StreamProtocol(asyncio.Protocol):
         for event in head.split(b"\n\n"):
             if event == b"data: [DONE]":
                 self.saw_done = True
-            elif event.startswith(b"data: {\"error\"") or event.startswith(b"event: error"):
+            elif event.startswith(b'data: {"error"') or event.startswith(b"event: error"):
                 self.saw_error = True
             elif event.startswith(b"data: "):
                 self.events += 1
@@ -123,7 +123,9 @@ async def _one(host: str, port: int, request: bytes, chunks: int, timeout_s: flo
         c.durations.append(time.monotonic() - t0)
 
 
-async def run(url: str, streams: int, chunks: int, timeout_s: float, key: str, model: str) -> dict[str, object]:
+async def run(
+    url: str, streams: int, chunks: int, timeout_s: float, key: str, model: str
+) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     body = orjson.dumps(

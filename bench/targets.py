@@ -30,18 +30,41 @@ def gateway_config(planner_url: str, extra: dict[str, object] | None = None) -> 
     }
 
 
-def start_rolemesh(work: Path, python: str, name: str, config: dict[str, object]) -> tuple[Proc, str]:
+def source_env(src: Path | None) -> tuple[dict[str, str], str]:
+    """Environment and working directory that make ``rolemesh_gateway`` import from ``src``.
+
+    ``None`` means the installed (editable) package of this checkout. Another tree lets you
+    measure a proposed change before it lands: ``bench/run.sh --gateway-src /tmp/copy``.
+    """
+    if src is None:
+        return {}, str(REPO)
+    return {"PYTHONPATH": str(src)}, str(src)
+
+
+def start_rolemesh(
+    work: Path, python: str, name: str, config: dict[str, object], src: Path | None = None
+) -> tuple[Proc, str]:
     """One gateway process exactly as the guide runs it: uvicorn, uvloop, httptools."""
     cfg = work / f"{name}.yaml"
     cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
     port = free_port()
+    env, cwd = source_env(src)
     proc = Proc(
         name,
-        [python, "-m", "uvicorn", "rolemesh_gateway.main:app", "--host", "127.0.0.1", "--port", str(port),
-         *_UVICORN_FAST],
+        [
+            python,
+            "-m",
+            "uvicorn",
+            "rolemesh_gateway.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *_UVICORN_FAST,
+        ],
         work,
-        env={"ROLE_MESH_CONFIG": str(cfg)},
-        cwd=str(REPO),
+        env={"ROLE_MESH_CONFIG": str(cfg), **env},
+        cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(url + "/health", 30)
@@ -52,8 +75,19 @@ def start_bare_relay(work: Path, python: str, upstream: str) -> tuple[Proc, str]
     port = free_port()
     proc = Proc(
         "bare-relay",
-        [python, "-m", "uvicorn", "--app-dir", str(REPO / "bench"), "bare_relay:app", "--host", "127.0.0.1",
-         "--port", str(port), *_UVICORN_FAST],
+        [
+            python,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(REPO / "bench"),
+            "bare_relay:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *_UVICORN_FAST,
+        ],
         work,
         env={"BENCH_UPSTREAM": upstream},
     )
@@ -86,8 +120,17 @@ def start_litellm(work: Path, venv: Path, upstream: str) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(
         "litellm",
-        [str(venv / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
-         "--num_workers", "1"],
+        [
+            str(venv / "bin" / "litellm"),
+            "--config",
+            str(cfg),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
         work,
         # The bundled cost map instead of a download at start-up (no internet here).
         env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},

@@ -97,8 +97,18 @@ def start_sse(work: Path, python: str, chunks: int, interval_s: float) -> tuple[
     port = free_port()
     proc = Proc(
         "sse-upstream",
-        [python, "-m", "bench.upstreams", "sse", "--port", str(port), "--chunks", str(chunks),
-         "--interval", str(interval_s)],
+        [
+            python,
+            "-m",
+            "bench.upstreams",
+            "sse",
+            "--port",
+            str(port),
+            "--chunks",
+            str(chunks),
+            "--interval",
+            str(interval_s),
+        ],
         work,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
@@ -123,7 +133,8 @@ def _chunk(data: bytes) -> bytes:
 def _event(i: int) -> bytes:
     return (
         b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
-        b'"model":"planner","choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}\n\n' % i
+        b'"model":"planner","choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}\n\n'
+        % i
     )
 
 
