@@ -54,7 +54,11 @@ fi
 if ! .venv/bin/python -c "import rolemesh_gateway, gguf, uvicorn" 2>/dev/null \
    || [[ pyproject.toml -nt .venv/.installed ]]; then
     step "installing RoleMesh and its tools into .venv (about a minute the first time)"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    mkdir -p "$STATE"
+    if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' > "$STATE/pip.log" 2>&1; then
+        tail -n 30 "$STATE/pip.log" >&2
+        die "pip install failed (full log: $STATE/pip.log)"
+    fi
     touch .venv/.installed
 fi
 

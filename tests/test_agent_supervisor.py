@@ -35,6 +35,7 @@ p = argparse.ArgumentParser()
 p.add_argument("-m", required=True)
 p.add_argument("--host", required=True)
 p.add_argument("--port", type=int, required=True)
+p.add_argument("--alias")
 p.add_argument("--load-delay", type=float, default=0.0)
 p.add_argument("--crash", type=int, default=None)
 p.add_argument("--ignore-term", action="store_true")
@@ -168,6 +169,7 @@ def test_starts_on_loopback_waits_for_health_then_serves(tmp_path: Path) -> None
             info = (await c.get(f"{s.url}/health")).json()
         argv = info["argv"]
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        assert argv[argv.index("--alias") + 1] == "planner"  # answers name the role
         assert argv[-2:] == ["--load-delay", "0.5"]  # the role's own args come last
         assert s.describe()["pid"] == info["pid"]
 

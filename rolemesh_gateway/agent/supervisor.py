@@ -168,6 +168,8 @@ class ManagedServer(Backend):
         port = free_port()
         assert self.spec.binary is not None  # resolved by the config preflight
         argv = [self.spec.binary, "-m", self.spec.model, "--host", "127.0.0.1", "--port", str(port)]
+        if not any(a.split("=", 1)[0] in ("-a", "--alias") for a in self.spec.args):
+            argv += ["--alias", self.role]  # answers name the role, not the model file's path
         argv += self.spec.args
         log.info("role %s: starting %s", self.role, " ".join(argv))
         self.tail.clear()

@@ -114,6 +114,7 @@ def test_openai_client_chat_and_stream_through_gateway_and_agent(stack: Stack) -
     )
     assert answer.usage is not None and answer.usage.completion_tokens == 12  # real generated tokens
     assert answer.choices[0].message.content
+    assert answer.model == "planner"  # the role, not the model file's path
     pieces: list[str] = []
     finish = None
     stream = client.chat.completions.create(
