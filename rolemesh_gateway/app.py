@@ -31,7 +31,7 @@ from .errors import (
 from .health import HealthMonitor
 from .protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
 from .proxy import Forwarder, build_routes
-from .registry import MemoryRegistry, NodeRegistry, RegistryFull
+from .registry import NodeRegistry, RegistryFull, make_registry
 from .settings import Settings
 from .tasks import TaskOwner
 from .upstream import UpstreamClient, upstream_headers
@@ -66,11 +66,8 @@ class Gateway:
     def __init__(self, settings: Settings, registry: NodeRegistry | None = None) -> None:
         self.settings = settings
         self.client = UpstreamClient()
-        self.registry = registry or MemoryRegistry(
-            stale_after_s=settings.nodes.stale_after_s,
-            evict_after_s=settings.nodes.evict_after_s,
-            max_nodes=settings.nodes.max_nodes,
-        )
+        self.registry = registry or make_registry(settings)
+
         self.health = HealthMonitor(settings, self.client)
         self.routes = build_routes(settings)
         self.forwarder = Forwarder(settings, self.client, self.registry, self.health)
@@ -139,6 +136,7 @@ class Gateway:
                 "and register nodes. Set auth.client_api_keys and auth.node_api_keys."
             )
         await self.client.start()
+        await self.registry.start()
         p = self.settings.probes
         try:
             async with asyncio.timeout(p.timeout_s + 0.5):
@@ -148,6 +146,8 @@ class Gateway:
         self.tasks.every("probe-upstreams", p.interval_s, self.health.probe_all)
         sweep_every = min(60.0, self.settings.nodes.evict_after_s / 4)
         self.tasks.every("evict-stale-nodes", sweep_every, self.registry.sweep)
+        if self.registry.sync_interval_s is not None:
+            self.tasks.every("sync-shared-registry", self.registry.sync_interval_s, self.registry.sync)
         log.info(
             "RoleMesh gateway %s ready: %d aliases (%s)",
             __version__,
@@ -157,6 +157,7 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.tasks.stop()
+        await self.registry.close()
         await self.client.close()
 
     # -- auth ---------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .protocol import HeartbeatRequest, Load, RegisterRequest
+from .settings import Settings
 
 
 class RegistryFull(Exception):
@@ -76,6 +78,21 @@ class NodeRegistry(abc.ABC):
         self.max_nodes = max_nodes
         self.clock = clock
 
+    #: How often :meth:`sync` should run; ``None`` when the registry is local only.
+    sync_interval_s: float | None = None
+
+    async def start(self) -> None:
+        """Connect and load the shared state (nothing to do for a local registry)."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections (nothing to do for a local registry)."""
+        return None
+
+    async def sync(self) -> None:
+        """Refresh the local view from the shared store (nothing to do for a local registry)."""
+        return None
+
     @abc.abstractmethod
     async def register(self, req: RegisterRequest, key_index: int) -> tuple[Node, bool]:
         """Add or update a node; returns it and whether it is new. Raises RegistryFull."""
@@ -114,68 +131,89 @@ class NodeRegistry(abc.ABC):
 
 
 class MemoryRegistry(NodeRegistry):
-    """A registry held in this process (one gateway)."""
+    """A registry held in this process (one gateway); also the local view of shared ones."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._nodes: dict[str, Node] = {}
         self._by_role: dict[str, tuple[Node, ...]] = {}
 
-    def _reindex(self) -> None:
-        by_role: dict[str, list[Node]] = {}
-        for node in self._nodes.values():
-            for role in node.roles:
-                by_role.setdefault(role, []).append(node)
-        self._by_role = {role: tuple(nodes) for role, nodes in by_role.items()}
+    # Index upkeep is incremental: tuples are copied per role touched, never rebuilt whole,
+    # so registering 10,000 nodes stays cheap and readers always see a consistent tuple.
+    def _index(self, node: Node) -> None:
+        for role in node.roles:
+            self._by_role[role] = (*self._by_role.get(role, ()), node)
+
+    def _unindex(self, node: Node) -> None:
+        for role in node.roles:
+            left = tuple(n for n in self._by_role.get(role, ()) if n is not node)
+            if left:
+                self._by_role[role] = left
+            else:
+                self._by_role.pop(role, None)
+
+    def _upsert(
+        self,
+        node_id: str,
+        base_url: str,
+        roles: tuple[str, ...],
+        key_index: int,
+        version: str | None,
+        last_seen: float,
+    ) -> tuple[Node, bool]:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = Node(node_id, base_url, roles, key_index, last_seen, last_seen, version=version)
+            self._nodes[node_id] = node
+            self._index(node)
+            return node, True
+        if node.roles != roles:
+            self._unindex(node)
+            node.roles = roles
+            self._index(node)
+        node.base_url, node.key_index, node.version = base_url, key_index, version
+        node.last_seen = max(node.last_seen, last_seen)
+        return node, False
+
+    def _drop(self, node_id: str) -> bool:
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return False
+        self._unindex(node)
+        return True
 
     async def register(self, req: RegisterRequest, key_index: int) -> tuple[Node, bool]:
-        now = self.clock()
-        node = self._nodes.get(req.node_id)
-        roles = tuple(dict.fromkeys(req.roles))
-        if node is None:
-            if len(self._nodes) >= self.max_nodes:
-                raise RegistryFull(f"the registry is full ({self.max_nodes} nodes)")
-            node = Node(req.node_id, req.base_url, roles, key_index, now, now)
-            self._nodes[req.node_id] = node
-            node.apply_load(req)
-            node.version = req.version
-            self._reindex()
-            return node, True
-        changed = node.roles != roles
-        node.base_url, node.roles, node.key_index = req.base_url, roles, key_index
-        node.last_seen = now
-        node.version = req.version
+        if req.node_id not in self._nodes and len(self._nodes) >= self.max_nodes:
+            raise RegistryFull(f"the registry is full ({self.max_nodes} nodes)")
+        node, new = self._upsert(
+            req.node_id, req.base_url, tuple(dict.fromkeys(req.roles)), key_index, req.version, self.clock()
+        )
         node.failures, node.ejected_until = 0, 0.0
         node.apply_load(req)
-        if changed:
-            self._reindex()
-        return node, False
+        return node, new
 
     async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
         node = self._nodes.get(req.node_id)
         if node is None:
             return None
-        now = self.clock()
-        if not self.is_fresh(node, now):
-            # Back from the dead (partition healed, box rebooted): forget old failures.
-            node.failures, node.ejected_until = 0, 0.0
-        node.last_seen = now
+        self._touch(node, self.clock())
         node.apply_load(req)
         return node
 
+    def _touch(self, node: Node, seen: float) -> None:
+        if not self.is_fresh(node, seen):
+            # Back from the dead (partition healed, box rebooted): forget old failures.
+            node.failures, node.ejected_until = 0, 0.0
+        node.last_seen = max(node.last_seen, seen)
+
     async def deregister(self, node_id: str) -> bool:
-        if self._nodes.pop(node_id, None) is None:
-            return False
-        self._reindex()
-        return True
+        return self._drop(node_id)
 
     async def sweep(self) -> list[str]:
         limit = self.clock() - self.evict_after_s
         gone = [nid for nid, n in self._nodes.items() if n.last_seen < limit]
         for nid in gone:
-            del self._nodes[nid]
-        if gone:
-            self._reindex()
+            self._drop(nid)
         return gone
 
     def nodes_for_role(self, role: str) -> Sequence[Node]:
@@ -186,3 +224,21 @@ class MemoryRegistry(NodeRegistry):
 
     def get(self, node_id: str) -> Node | None:
         return self._nodes.get(node_id)
+
+
+def make_registry(settings: Settings) -> NodeRegistry:
+    """Build the registry back-end named by ``registry.backend``."""
+    common: dict[str, Any] = {
+        "stale_after_s": settings.nodes.stale_after_s,
+        "evict_after_s": settings.nodes.evict_after_s,
+        "max_nodes": settings.nodes.max_nodes,
+    }
+    r = settings.registry
+    if r.backend == "redis":
+        from .registry_redis import RedisRegistry
+
+        assert r.redis_url is not None
+        return RedisRegistry(
+            url=r.redis_url, prefix=r.key_prefix, sync_interval_s=r.sync_interval_s, **common
+        )
+    return MemoryRegistry(**common)

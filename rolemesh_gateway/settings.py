@@ -166,6 +166,23 @@ class NodeSettings(_Strict):
     eject_for_s: PositiveSeconds = 10.0
 
 
+class RegistrySettings(_Strict):
+    """Where nodes are kept: ``memory`` (one gateway) or ``redis`` (shared by several)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    key_prefix: Name = "rolemesh"
+    sync_interval_s: PositiveSeconds = 0.5
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> RegistrySettings:
+        if self.backend == "redis":
+            scheme = (self.redis_url or "").split("://", 1)[0]
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("backend 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
+        return self
+
+
 class Settings(_Strict):
     """The whole gateway configuration (``version: 1``)."""
 
@@ -177,6 +194,7 @@ class Settings(_Strict):
     limits: LimitSettings = LimitSettings()
     probes: ProbeSettings = ProbeSettings()
     nodes: NodeSettings = NodeSettings()
+    registry: RegistrySettings = RegistrySettings()
     queue: QueueSettings = QueueSettings()
 
     @model_validator(mode="after")
