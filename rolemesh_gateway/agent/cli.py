@@ -127,6 +127,9 @@ def serve(
     server = uvicorn.Server(config)
     # Bind before the lifespan starts any llama-server: a busy port fails fast and clean.
     sock = config.bind_socket()
+    # uvicorn marks it inheritable (for its worker processes); llama-server children must not
+    # hold the agent's port open.
+    sock.set_inheritable(False)
     server.run(sockets=[sock])
     return 0 if server.started else 1
 

@@ -168,8 +168,10 @@ def test_llama_servers_listen_on_loopback_only_and_agent_needs_the_node_key(stac
             if pid in addresses:
                 addresses[pid].append(line.split()[3])  # Local Address:Port
     for pid, local in addresses.items():
-        assert local, f"llama-server {pid} listens nowhere?\n{listening}"
-        assert all(addr.startswith("127.0.0.1:") for addr in local), f"llama-server {pid} listens on {local}"
+        # Exactly its own port on loopback: not a wildcard, and not the agent's inherited socket.
+        assert len(local) == 1, f"llama-server {pid} listens on {local}"
+        assert local[0].startswith("127.0.0.1:"), f"llama-server {pid} listens on {local}"
+        assert local[0] != f"127.0.0.1:{stack.agent.port}"
     body = {"model": "planner", "messages": HELLO, "max_tokens": 1}
     r = httpx.post(f"{stack.agent.url}/v1/chat/completions", json=body, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
