@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CLIENT_KEY, NODE_KEY, GatewayProcess, wait_until
+from tests.conftest import CLIENT_KEY, NODE_KEY, ROOT, GatewayProcess, wait_until
 from tests.e2e.conftest import AgentProcess, alive
 
 Gw = Callable[..., GatewayProcess]
@@ -203,3 +203,28 @@ def test_sigkill_of_agent_leaves_no_llama_server_and_node_goes_stale(stack: Stac
     with stack.gateway.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "planner", "messages": HELLO})
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_upstream_available"
+
+
+# -- Done when 1: the README's first command ------------------------------------------------------------
+def test_quickstart_smoke_answers_the_guides_curls_in_under_a_minute(llama_server_bin: str) -> None:
+    """``bash scripts/quickstart.sh --smoke``: real tokens through gateway and agent, then a clean stop."""
+    before = pgrep_llama()
+    started = time.monotonic()
+    out = subprocess.run(
+        ["bash", "scripts/quickstart.sh", "--smoke"],
+        cwd=ROOT,
+        env={**os.environ, "ROLE_MESH_LLAMA_SERVER": llama_server_bin},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert took < 60
+    text = out.stdout
+    assert "curl -sS http://127.0.0.1:8000/v1/models" in text
+    assert '"data":[{"id":"planner"' in text and '{"id":"writer"' in text
+    assert re.search(r"planner answered with \d+ generated tokens: '.+'", text)
+    assert 'base_url = "http://127.0.0.1:8000/v1"' in text and 'api_key  = "change-me-client-key"' in text
+    assert "deregistered node quickstart-node" in (ROOT / ".rolemesh" / "agent.log").read_text()
+    wait_until(lambda: pgrep_llama() <= before, 5, "quickstart's llama-servers gone")
