@@ -34,6 +34,7 @@ BUILD_TIMEOUT_S = 1500
 AGENT_BIN = Path(sys.executable).parent / "rolemesh-node-agent"
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Give the first test that needs llama-server the time to build it; the rest keep the default."""
     here = Path(__file__).parent
