@@ -102,7 +102,7 @@ def _llama_port(agent_pid: int) -> int:
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, key: str, stream: bool, tokens: int
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], stream: bool, tokens: int
 ) -> tuple[int, float]:
     body = {
         "model": "writer",
@@ -112,7 +112,6 @@ async def _one(
         "stream": stream,
         "temperature": 0.8,
     }
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.perf_counter()
     async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
         if resp.status != 200:
@@ -133,28 +132,37 @@ async def _one(
 
 
 async def _measure(
-    paths: dict[str, tuple[str, str]], reps: int, requests: int, tokens: int, say: Callable[[str], None]
+    paths: dict[str, tuple[str, dict[str, str]]],
+    reps: int,
+    requests: int,
+    tokens: int,
+    say: Callable[[str], None],
+    gateway_cpu: Callable[[], float],
 ) -> dict[str, dict[str, list[float]]]:
     """tokens/s per path and mode; requests alternate between the paths one by one, so that
     whatever else the machine does at a moment costs both paths alike."""
     out: dict[str, dict[str, list[float]]] = {p: {"stream": [], "plain": []} for p in paths}
+    out["gateway CPU us/token"] = {"stream": [], "plain": []}
     timeout = aiohttp.ClientTimeout(total=120)
     # llama-server closes its end after a streamed response although it announced keep-alive,
     # so a pooled connection to it fails on the next request: a fresh connection each time.
     direct = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
     pooled = aiohttp.ClientSession(timeout=timeout)
     async with direct, pooled:
-        sessions = {label: direct if not key else pooled for label, (_, key) in paths.items()}
-        for label, (url, key) in paths.items():  # warm-up: prompt cache, pooled connections
-            await _one(sessions[label], url, key, True, 16)
+        sessions = {label: direct if not hdrs else pooled for label, (_, hdrs) in paths.items()}
+        for label, (url, hdrs) in paths.items():  # warm-up: prompt cache, pooled connections
+            await _one(sessions[label], url, hdrs, True, 16)
         for rep in range(reps):
             for mode in ("stream", "plain"):
                 got = {label: [0, 0.0] for label in paths}
+                cpu0 = gateway_cpu()
                 for _ in range(requests):
-                    for label, (url, key) in paths.items():
-                        n, took = await _one(sessions[label], url, key, mode == "stream", tokens)
+                    for label, (url, hdrs) in paths.items():
+                        n, took = await _one(sessions[label], url, hdrs, mode == "stream", tokens)
                         got[label][0] += n
                         got[label][1] += took
+                gw_tokens = got["gateway + node agent"][0]
+                out["gateway CPU us/token"][mode].append((gateway_cpu() - cpu0) * 1e6 / max(1, gw_tokens))
                 for label, (n, secs) in got.items():
                     out[label][mode].append(n / secs)
                 say(
@@ -204,8 +212,13 @@ def run(
                 raise TimeoutError(f"writer not available through the gateway after 300 s:\n{agent.tail()}")
             time.sleep(0.25)
         direct = f"http://127.0.0.1:{_llama_port(agent.pid)}"
-        paths = {"direct to llama-server": (direct, ""), "gateway + node agent": (gw_url, CLIENT_KEY)}
-        raw = asyncio.run(_measure(paths, reps, requests, tokens, say))
+        paths = {
+            "direct to llama-server": (direct, {}),
+            "gateway + node agent": (gw_url, {"Authorization": f"Bearer {CLIENT_KEY}"}),
+            # Diagnostic: the agent's hop alone (it takes the node key, as from the gateway).
+            "node agent only": (f"http://127.0.0.1:{agent_port}", {"X-RoleMesh-Node-Key": NODE_KEY}),
+        }
+        raw = asyncio.run(_measure(paths, reps, requests, tokens, say, gw.cpu_s))
     finally:
         if agent is not None:
             agent.stop(30)
@@ -215,7 +228,7 @@ def run(
     result: dict[str, object] = {"paths": list(paths), "max_tokens": tokens, "requests": requests}
     for label, modes in raw.items():
         result[label] = {mode: median(v) for mode, v in modes.items()}
-    d, g = (result[label] for label in paths)
+    d, g = result["direct to llama-server"], result["gateway + node agent"]
     assert isinstance(d, dict) and isinstance(g, dict)
     result["ratio_stream"] = g["stream"] / d["stream"]
     result["ratio_plain"] = g["plain"] / d["plain"]

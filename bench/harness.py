@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import e2e, report
 from .procs import Proc
@@ -142,55 +143,70 @@ class Bench:
             self.work, self.python, "rolemesh-streams", gateway_config(sse), self.o.gateway_src
         )
         try:
-            per_stream = self.o.chunks * self.o.chunk_interval_s
-            timeout = per_stream * 4 + 30
+            bare, bare_url = start_bare_relay(self.work, self.python, sse, "bare-relay-streams")
+        except BaseException:
+            gw.stop()
+            raise
+        targets = {"RoleMesh": (gw, url, CLIENT_KEY), "bare relay": (bare, bare_url, "")}
+        try:
             for rep in range(self.o.reps):
-                client = Proc(
-                    f"stream-client-{rep}",
-                    [
-                        self.python,
-                        "-m",
-                        "bench.streams",
-                        "--url",
-                        url + CHAT_PATH,
-                        "--streams",
-                        str(self.o.streams),
-                        "--chunks",
-                        str(self.o.chunks),
-                        "--timeout",
-                        str(timeout),
-                        "--key",
-                        CLIENT_KEY,
-                    ],
-                    self.work,
-                    cwd=str(REPO),
-                    stdout_pipe=True,
-                )
-                peak = gw.rss_mb()
-                deadline = time.monotonic() + timeout + 30
-                try:
-                    while client.alive() and time.monotonic() < deadline:
-                        peak = max(peak, gw.rss_mb())
-                        time.sleep(0.05)
-                    if client.alive():
-                        raise TimeoutError(f"stream client still running after {timeout + 30:g}s")
-                    assert client.popen.stdout is not None
-                    out = client.popen.stdout.read().decode()
-                finally:
-                    client.stop()
-                if client.popen.returncode != 0 or not out.strip():
-                    raise RuntimeError(f"stream client failed:\n{client.tail()}")
-                result = json.loads(out.strip().splitlines()[-1])
-                result["rss_mb"] = peak
-                self.r.streaming.append(result)
-                say(
-                    f"rep {rep + 1} streams: {result['completed']}/{result['streams']} completed, "
-                    f"{result['errors']} errors {result['error_kinds'] or ''}, "
-                    f"peak open {result['peak_open']}, "
-                    f"{result['chunks_per_s']:,.0f} chunks/s, RSS {peak:.0f} MB"
-                )
+                for name, (proc, target_url, key) in targets.items():
+                    result = self._streams(proc, target_url, key, rep)
+                    result["target"] = name
+                    self.r.streaming.append(result)
+                    say(
+                        f"rep {rep + 1} {name} streams: {result['completed']}/{result['streams']} completed, "
+                        f"{result['errors']} errors {result['error_kinds'] or ''}, "
+                        f"peak open {result['peak_open']}, {result['chunks_per_s']:,.0f} chunks/s, "
+                        f"{result['cpu_us_per_chunk']:.0f} µs CPU/chunk, RSS {result['rss_mb']:.0f} MB"
+                    )
         finally:
             gw.stop()
+            bare.stop()
+
+    def _streams(self, target: Proc, url: str, key: str, rep: int) -> dict[str, Any]:
+        """One run of the stream client against ``url``, sampling the target's RSS and CPU."""
+        timeout = self.o.chunks * self.o.chunk_interval_s * 4 + 30
+        client = Proc(
+            f"stream-client-{target.name}-{rep}",
+            [
+                self.python,
+                "-m",
+                "bench.streams",
+                "--url",
+                url + CHAT_PATH,
+                "--streams",
+                str(self.o.streams),
+                "--chunks",
+                str(self.o.chunks),
+                "--timeout",
+                str(timeout),
+                "--key",
+                key,
+            ],
+            self.work,
+            cwd=str(REPO),
+            stdout_pipe=True,
+        )
+        cpu0 = target.cpu_s()
+        peak = target.rss_mb()
+        deadline = time.monotonic() + timeout + 30
+        try:
+            while client.alive() and time.monotonic() < deadline:
+                peak = max(peak, target.rss_mb())
+                time.sleep(0.05)
+            if client.alive():
+                raise TimeoutError(f"stream client still running after {timeout + 30:g}s")
+            assert client.popen.stdout is not None
+            out = client.popen.stdout.read().decode()
+        finally:
+            client.stop()
+        if client.popen.returncode != 0 or not out.strip():
+            raise RuntimeError(f"stream client failed:\n{client.tail()}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        result["rss_mb"] = peak
+        result["cpu_us_per_chunk"] = (target.cpu_s() - cpu0) * 1e6 / max(1, result["events"])
+        return result
 
     # -- case 3: routing with a big fleet heartbeating ------------------------------------------
     def discovery(self) -> None:

@@ -71,10 +71,10 @@ def start_rolemesh(
     return proc, url
 
 
-def start_bare_relay(work: Path, python: str, upstream: str) -> tuple[Proc, str]:
+def start_bare_relay(work: Path, python: str, upstream: str, name: str = "bare-relay") -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(
-        "bare-relay",
+        name,
         [
             python,
             "-m",
