@@ -15,7 +15,6 @@
 # llama-server), ROLE_MESH_CACHE_DIR (cache, default ~/.cache/rolemesh),
 # ROLE_MESH_QUICKSTART_TIMEOUT (seconds to wait for /ready, default 300).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 SMOKE=0
 MODEL="${ROLE_MESH_QUICKSTART_MODEL:-}"
@@ -30,6 +29,11 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+if [[ -n "$MODEL" ]]; then   # relative to where the user ran the command, before the cd below
+    [[ -f "$MODEL" ]] || { echo "quickstart: model file not found: $MODEL" >&2; exit 1; }
+    MODEL="$(cd "$(dirname "$MODEL")" && pwd)/$(basename "$MODEL")"
+fi
+cd "$(dirname "$0")/.."
 
 STATE=.rolemesh
 CACHE="${ROLE_MESH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rolemesh}"
@@ -68,10 +72,8 @@ LLAMA_SERVER="$(bash scripts/llama_server.sh | tail -n1)"
 echo "    $LLAMA_SERVER"
 
 if [[ -n "$MODEL" ]]; then
-    [[ -f "$MODEL" ]] || die "model file not found: $MODEL"
-    MODEL="$(cd "$(dirname "$MODEL")" && pwd)/$(basename "$MODEL")"
     ARGS='["-c", "4096", "-n", "256"]'
-    step "serving your model $MODEL"
+    step "serving your model $MODEL (one llama-server per role: it is loaded twice)"
 else
     MODEL="$CACHE/models/tiny-llama.gguf"
     if [[ ! -f "$MODEL" ]]; then
