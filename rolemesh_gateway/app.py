@@ -18,11 +18,10 @@ import orjson
 from pydantic import ValidationError
 
 from . import __version__
-from .asgi import Headers, Receive, Scope, Send, header, read_body, send_error, send_json
+from .asgi import Headers, Receive, Scope, Send, header, lifespan, read_json_object, send_error, send_json
 from .errors import (
     BadRequest,
     GatewayError,
-    InvalidJSON,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -41,6 +40,7 @@ log = logging.getLogger("rolemesh.gateway")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _MAX_REQUEST_ID = 200
+_MAX_WIRE_BODY = 64 * 1024
 
 
 def _bearer(value: bytes) -> bytes | None:
@@ -110,23 +110,7 @@ class Gateway:
             except GatewayError as exc:
                 await send_error(send, exc)
         elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+            await lifespan(receive, send, self.startup, self.shutdown)
 
     async def startup(self) -> None:
         """Open the upstream pool, probe once (so the first answers are right), start loops."""
@@ -193,13 +177,7 @@ class Gateway:
     async def _inference(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
         self._check_client(headers)
-        body = await read_body(receive, headers, self._max_body)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-        if type(data) is not dict:
-            raise BadRequest("request body must be a JSON object")
+        body, data = await read_json_object(receive, headers, self._max_body)
         model = data.get("model")
         if model is None:
             alias = self.settings.default_model
@@ -294,19 +272,9 @@ class Gateway:
         )
 
     # -- nodes ----------------------------------------------------------------------------------
-    async def _read_wire(self, receive: Receive, headers: Headers) -> dict[str, Any]:
-        body = await read_body(receive, headers, 64 * 1024)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-        if type(data) is not dict:
-            raise BadRequest("request body must be a JSON object")
-        return data
-
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
         idx = self._check_node(scope["headers"])
-        data = await self._read_wire(receive, scope["headers"])
+        _, data = await read_json_object(receive, scope["headers"], _MAX_WIRE_BODY)
         try:
             req = RegisterRequest.model_validate(data)
         except ValidationError as exc:
@@ -330,7 +298,7 @@ class Gateway:
 
     async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._check_node(scope["headers"])
-        data = await self._read_wire(receive, scope["headers"])
+        _, data = await read_json_object(receive, scope["headers"], _MAX_WIRE_BODY)
         try:
             req = HeartbeatRequest.model_validate(data)
         except ValidationError as exc:

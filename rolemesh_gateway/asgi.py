@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 
-from .errors import GatewayError, PayloadTooLarge
+from .errors import BadRequest, GatewayError, InvalidJSON, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,6 +60,41 @@ async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def read_json_object(receive: Receive, headers: Headers, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """Read the body and parse it as a JSON object (400 for anything else); return both."""
+    body = await read_body(receive, headers, limit)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    if type(data) is not dict:
+        raise BadRequest("request body must be a JSON object")
+    return body, data
+
+
+async def lifespan(
+    receive: Receive,
+    send: Send,
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]],
+) -> None:
+    """Run the ASGI lifespan protocol around ``startup`` / ``shutdown``."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await startup()
+            except Exception as exc:
+                logging.getLogger("rolemesh").exception("start-up failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 async def send_bytes(send: Send, status: int, body: bytes, headers: Headers) -> None:
