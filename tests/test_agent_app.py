@@ -144,7 +144,7 @@ def test_stream_is_relayed_as_it_is_produced(upstreams: Up, agent: Ag) -> None:
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic() - start)
     assert len(arrivals) == 5
-    assert arrivals[0] < 0.3 and arrivals[-1] > 1.2  # the first token did not wait for the last
+    assert arrivals[-1] - arrivals[0] > 1.0  # each chunk was relayed when produced, not at the end
 
 
 class SilentUpstream:

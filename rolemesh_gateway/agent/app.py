@@ -15,16 +15,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any
 
 import orjson
 
 from ..app import _cancel_on_disconnect
-from ..asgi import Headers, Receive, Scope, Send, header, read_body, send_error, send_json
+from ..asgi import Headers, Receive, Scope, Send, header, lifespan, read_json_object, send_error, send_json
 from ..errors import (
     BadRequest,
     GatewayError,
-    InvalidJSON,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -61,7 +59,7 @@ class Agent:
             except GatewayError as exc:
                 await send_error(send, exc)
         elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await lifespan(receive, send, self.startup, self.shutdown)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -82,22 +80,6 @@ class Agent:
             await self._proxy(scope, receive, send)
         else:
             raise NotFound(f"no such endpoint: {method} {path}")
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.startup()
-                except Exception as exc:
-                    log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def startup(self) -> None:
         if self._key is None:
@@ -155,13 +137,7 @@ class Agent:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
-        body = await read_body(receive, headers, self.cfg.proxy.max_body_bytes)
-        try:
-            data: Any = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-        if type(data) is not dict:
-            raise BadRequest("request body must be a JSON object")
+        body, data = await read_json_object(receive, headers, self.cfg.proxy.max_body_bytes)
         role = data.get("model")
         backends = self.supervisor.backends
         if role is None and len(backends) == 1:
