@@ -37,6 +37,8 @@ from .upstreams import CHAT_REQUEST, start_nginx, start_sse
 from .wrk import WrkResult, run_wrk, write_script
 
 CONNECTIONS = (1, 16, 64)
+#: Target name of the gateway run from ``--compare-src``.
+COMPARE = "RoleMesh (compare-src)"
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -57,6 +59,8 @@ class Options:
     cases: tuple[str, ...] = ("non-streaming", "streaming", "discovery", "end-to-end")
     #: Run the gateway (and node agent) from this source tree instead of the installed package.
     gateway_src: Path | None = None
+    #: Also measure a gateway from this tree, interleaved with the checkout's (an A/B in one run).
+    compare_src: Path | None = None
 
 
 @dataclass
@@ -110,6 +114,13 @@ class Bench:
             start_rolemesh(self.work, self.python, "rolemesh", gateway_config(upstream), self.o.gateway_src)
         )
         targets["RoleMesh"] = (gw, CLIENT_KEY, gw_proc.pid)
+        if self.o.compare_src is not None:
+            cmp_proc, cmp = self._keep(
+                start_rolemesh(
+                    self.work, self.python, "rolemesh-compare", gateway_config(upstream), self.o.compare_src
+                )
+            )
+            targets[COMPARE] = (cmp, CLIENT_KEY, cmp_proc.pid)
         self._matrix(targets)
         if self.o.litellm_venv is None:
             self.r.skipped["LiteLLM"] = self.o.litellm_skip_reason
@@ -148,6 +159,20 @@ class Bench:
             gw.stop()
             raise
         targets = {"RoleMesh": (gw, url, CLIENT_KEY), "bare relay": (bare, bare_url, "")}
+        if self.o.compare_src is not None:
+            try:
+                cmp, cmp_url = start_rolemesh(
+                    self.work,
+                    self.python,
+                    "rolemesh-streams-compare",
+                    gateway_config(sse),
+                    self.o.compare_src,
+                )
+            except BaseException:
+                gw.stop()
+                bare.stop()
+                raise
+            targets[COMPARE] = (cmp, cmp_url, CLIENT_KEY)
         try:
             for rep in range(self.o.reps):
                 for name, (proc, target_url, key) in targets.items():
@@ -161,8 +186,8 @@ class Bench:
                         f"{result['cpu_us_per_chunk']:.0f} µs CPU/chunk, RSS {result['rss_mb']:.0f} MB"
                     )
         finally:
-            gw.stop()
-            bare.stop()
+            for proc, _, _ in targets.values():
+                proc.stop()
 
     def _streams(self, target: Proc, url: str, key: str, rep: int) -> dict[str, Any]:
         """One run of the stream client against ``url``, sampling the target's RSS and CPU."""
@@ -253,6 +278,12 @@ class Bench:
                     if reg["failed"]:
                         raise RuntimeError(f"{reg['failed']} of {count} registrations failed")
                     say(f"{label}: registered in {reg['seconds']:.1f}s; measuring while they heartbeat")
+                    # Heartbeats alone for a moment: the gateway's CPU per second with this fleet
+                    # (with 1 node that is the idle cost: probes, timers), hence per heartbeat.
+                    cpu0, t0 = gw.cpu_s(), time.monotonic()
+                    time.sleep(2.0)
+                    d[f"{label} gateway_cpu_per_s"] = (gw.cpu_s() - cpu0) / (time.monotonic() - t0)
+                    d[f"{label} beats_per_s"] = count / self.o.heartbeat_s
                     self._warm_writer(url)
                     runs = []
                     for rep in range(rounds):
@@ -365,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         "--gateway-src", help="run the gateway and node agent from this source tree (A/B a change)"
     )
     p.add_argument(
+        "--compare-src",
+        help="also run a gateway from this tree, interleaved with the checkout's (non-streaming, streaming)",
+    )
+    p.add_argument(
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
         help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end",
@@ -374,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         _options(args),
         cases=tuple(c.strip() for c in args.cases.split(",")),
         gateway_src=Path(args.gateway_src).resolve() if args.gateway_src else None,
+        compare_src=Path(args.compare_src).resolve() if args.compare_src else None,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)

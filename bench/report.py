@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .harness import Options, Results
     from .wrk import WrkResult
 
-TARGET_ORDER = ("nginx direct", "bare relay", "RoleMesh", "LiteLLM")
+TARGET_ORDER = ("nginx direct", "bare relay", "RoleMesh", "RoleMesh (compare-src)", "LiteLLM")
 
 
 def med(values: list[float]) -> float:
@@ -88,6 +88,8 @@ def render(r: Results, o: Options, elapsed_s: float) -> str:
     )
     if o.gateway_src is not None:
         out.append(f"RoleMesh ran from the source tree `{o.gateway_src}`, not this checkout.\n")
+    if o.compare_src is not None:
+        out.append(f"`RoleMesh (compare-src)` ran from `{o.compare_src}`, interleaved with RoleMesh.\n")
     for name, why in r.skipped.items():
         out.append(f"- **{name}**: {why}")
     for name, why in r.failed.items():
@@ -138,9 +140,21 @@ def _ratios(r: Results) -> list[tuple[str, str]]:
         if other in ns:
             for c in (64, 16, 1):
                 rows.append((f"RoleMesh / {other}, req/s at c={c}", _x(_rps(rm[c]) / _rps(ns[other][c]))))
+    cmp = ns.get("RoleMesh (compare-src)")
+    if cmp:
+        for c in (64, 16, 1):
+            rows.append(
+                (f"RoleMesh (compare-src) / RoleMesh, req/s at c={c}", _x(_rps(cmp[c]) / _rps(rm[c])))
+            )
+        rows.append(
+            (
+                "RoleMesh (compare-src) / RoleMesh, CPU per request at c=64",
+                f"{_cpu(cmp[64])} / {_cpu(rm[64])} µs",
+            )
+        )
     direct = ns.get("nginx direct")
     if direct:
-        for name in ("bare relay", "RoleMesh", "LiteLLM"):
+        for name in ("bare relay", "RoleMesh", "RoleMesh (compare-src)", "LiteLLM"):
             if name in ns:
                 rows.append(
                     (f"{name}: added p50 over direct, c=1", f"{_ms(_p50(ns[name][1]) - _p50(direct[1]))} ms")
@@ -186,19 +200,29 @@ def _discovery(r: Results) -> list[str]:
     out = [
         "### Discovery at scale: routed requests (c=1) to a `discovered` alias "
         "while the fleet heartbeats every 10 s\n",
-        "| fleet | registration (s) | heartbeats/s answered | p50 (ms) | added p50 over direct (ms) "
-        "| p99 (ms) | req/s | non-2xx |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| fleet | registration (s) | heartbeats/s answered | gateway CPU µs/heartbeat | p50 (ms) "
+        "| added p50 over direct (ms) | p99 (ms) | req/s | non-2xx |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label in labels:
         runs = d[label]
         hb = d.get(f"{label} heartbeats", {})
         out.append(
-            f"| {label} | {d[f'{label} registration_s']:.1f} | {hb.get('per_s', 0):,.0f} | {_ms(_p50(runs))} "
+            f"| {label} | {d[f'{label} registration_s']:.1f} | {hb.get('per_s', 0):,.0f} "
+            f"| {_cpu_beat(d, label)} | {_ms(_p50(runs))} "
             f"| {_ms(_p50(runs) - direct)} | {_ms(_p99(runs))} | {_rps(runs):,.0f} | {_bad(runs)} |"
         )
     out.append("")
     return out
+
+
+def _cpu_beat(d: dict[str, Any], label: str) -> str:
+    """Gateway CPU per heartbeat: CPU/s with the fleet minus CPU/s with one node, per beat."""
+    first = d["labels"][0]
+    busy, idle = d.get(f"{label} gateway_cpu_per_s"), d.get(f"{first} gateway_cpu_per_s")
+    if label == first or busy is None or idle is None:
+        return "-"
+    return f"{max(0.0, busy - idle) * 1e6 / d[f'{label} beats_per_s']:,.0f}"
 
 
 def _e2e(r: Results) -> list[str]:
