@@ -18,7 +18,18 @@ import orjson
 from pydantic import ValidationError
 
 from . import __version__
-from .asgi import Headers, Receive, Scope, Send, header, lifespan, read_json_object, send_error, send_json
+from .asgi import (
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    cancel_on_disconnect,
+    header,
+    lifespan,
+    read_json_object,
+    send_error,
+    send_json,
+)
 from .errors import (
     BadRequest,
     GatewayError,
@@ -206,7 +217,7 @@ class Gateway:
         path = scope["path"]
         if scope.get("query_string"):
             path = f"{path}?{scope['query_string'].decode('latin-1')}"
-        await _cancel_on_disconnect(
+        await cancel_on_disconnect(
             receive,
             self.forwarder.forward(route, scope["method"], path, out, body, send, [(b"x-request-id", rid)]),
         )
@@ -357,31 +368,6 @@ def _wire_error(exc: ValidationError) -> str:
 def _wire_param(exc: ValidationError) -> str | None:
     loc = exc.errors(include_url=False)[0]["loc"]
     return str(loc[0]) if loc else None
-
-
-async def _cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
-    """Run ``work``; if the client hangs up first, cancel it (frees the upstream slot)."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.get_running_loop().create_task(watch(), name="watch-client-disconnect")
-    try:
-        await work
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            log.info("client disconnected; upstream request cancelled")
-            return
-        raise
-    finally:
-        watcher.cancel()
 
 
 def create_app(settings: Settings, registry: NodeRegistry | None = None) -> Gateway:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -123,3 +124,28 @@ async def send_error(send: Send, exc: GatewayError, headers: Headers | None = No
 def sse_error_event(exc: GatewayError) -> bytes:
     """An SSE event that OpenAI clients raise as an APIError when a stream breaks."""
     return b"data: " + exc.body() + b"\n\n"
+
+
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run ``work``; if the client hangs up first, cancel it (frees the upstream slot)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch(), name="watch-client-disconnect")
+    try:
+        await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            logging.getLogger("rolemesh").info("client disconnected; upstream request cancelled")
+            return
+        raise
+    finally:
+        watcher.cancel()

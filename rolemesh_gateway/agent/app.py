@@ -18,8 +18,18 @@ import logging
 
 import orjson
 
-from ..app import _cancel_on_disconnect
-from ..asgi import Headers, Receive, Scope, Send, header, lifespan, read_json_object, send_error, send_json
+from ..asgi import (
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    cancel_on_disconnect,
+    header,
+    lifespan,
+    read_json_object,
+    send_error,
+    send_json,
+)
 from ..errors import (
     BadRequest,
     GatewayError,
@@ -163,7 +173,7 @@ class Agent:
         out = upstream_headers(headers, [])
         self.inflight += 1
         try:
-            await _cancel_on_disconnect(
+            await cancel_on_disconnect(
                 receive, self._forward(scope["method"], backend.url + path, out, body, send, target)
             )
         finally:
