@@ -38,6 +38,10 @@ class _Conn:
         self.reader, self.writer = reader, writer
 
     async def call(self, request: bytes) -> int:
+        async with asyncio.timeout(10):  # a gateway that stops answering must not hang the run
+            return await self._call(request)
+
+    async def _call(self, request: bytes) -> int:
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -103,7 +107,7 @@ async def run(args: argparse.Namespace) -> None:
             k = await queue.get()
             try:
                 counts["ok" if await conn.call(beats[k % len(beats)]) == 200 else "bad"] += 1
-            except (OSError, asyncio.IncompleteReadError, ValueError):
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
                 counts["error"] += 1
                 return
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -235,77 +236,96 @@ class Bench:
 
     # -- case 3: routing with a big fleet heartbeating ------------------------------------------
     def discovery(self) -> None:
+        """Two gateways side by side, one with 1 node and one with the big fleet, both
+        heartbeating; routed requests alternate between them run by run, so that the machine's
+        noise hits both alike and only the fleet differs."""
         nginx_url = self._nginx_url()
-        direct = self.r.nonstream.get("nginx direct", {}).get(1, [])
-        gw, url = start_rolemesh(
-            self.work, self.python, "rolemesh-discovery", gateway_config(nginx_url), self.o.gateway_src
-        )
         d = self.r.discovery
+        d["direct"] = list(self.r.nonstream.get("nginx direct", {}).get(1, []))
+        fleets = (("1 node", 1), (f"{self.o.nodes:,} nodes", self.o.nodes))
+        measure_s = 2 * self.o.reps * (self.o.duration_s + 1.5) + 10
+        gws: dict[str, tuple[Proc, str]] = {}
+        sims: dict[str, Proc] = {}
         try:
-            d["direct"] = list(direct)
-            for label, count in (("1 node", 1), (f"{self.o.nodes:,} nodes", self.o.nodes)):
-                rounds = self.o.reps
-                measure_s = rounds * (self.o.duration_s + 1.5) + 3
-                fleet = Proc(
-                    f"fleet-{count}",
-                    [
-                        self.python,
-                        "-m",
-                        "bench.discovery",
-                        "--gateway",
-                        url,
-                        "--node-key",
-                        NODE_KEY,
-                        "--nodes",
-                        str(count),
-                        "--base-url",
-                        nginx_url,
-                        "--interval",
-                        str(self.o.heartbeat_s),
-                        "--duration",
-                        str(measure_s + 10),
-                    ],
+            for i, (label, count) in enumerate(fleets):
+                gws[label] = start_rolemesh(
                     self.work,
-                    cwd=str(REPO),
-                    stdout_pipe=True,
+                    self.python,
+                    f"rolemesh-discovery-{i}",
+                    gateway_config(nginx_url),
+                    self.o.gateway_src,
                 )
-                try:
-                    assert fleet.popen.stdout is not None
-                    line = fleet.popen.stdout.readline().decode()  # returns once all are registered
-                    if not line:
-                        raise RuntimeError(f"fleet simulator failed:\n{fleet.tail()}")
-                    reg = json.loads(line)
-                    if reg["failed"]:
-                        raise RuntimeError(f"{reg['failed']} of {count} registrations failed")
-                    say(f"{label}: registered in {reg['seconds']:.1f}s; measuring while they heartbeat")
-                    # Heartbeats alone for a moment: the gateway's CPU per second with this fleet
-                    # (with 1 node that is the idle cost: probes, timers), hence per heartbeat.
-                    cpu0, t0 = gw.cpu_s(), time.monotonic()
-                    time.sleep(2.0)
-                    d[f"{label} gateway_cpu_per_s"] = (gw.cpu_s() - cpu0) / (time.monotonic() - t0)
-                    d[f"{label} beats_per_s"] = count / self.o.heartbeat_s
-                    self._warm_writer(url)
-                    runs = []
-                    for rep in range(rounds):
-                        res = self._wrk_writer(url)
-                        runs.append(res)
-                        say(
-                            f"rep {rep + 1} discovery {label}: p50 {res.p50_ms:.3f} ms "
-                            f"p99 {res.p99_ms:.3f} ms "
-                            f"{res.rps:,.0f} req/s bad {res.bad}"
-                        )
-                    d[label] = runs
-                    d[f"{label} registration_s"] = reg["seconds"]
-                    fleet.popen.send_signal(15)
-                    hb = fleet.popen.stdout.readline().decode()
-                    if hb:
-                        d[f"{label} heartbeats"] = json.loads(hb)
-                finally:
-                    fleet.stop()
-            d["labels"] = ["1 node", f"{self.o.nodes:,} nodes"]
-            d["rss_mb"] = gw.rss_mb()
+                sims[label] = self._fleet(gws[label][1], count, nginx_url, measure_s, f"fleet-{count}")
+                reg = self._registered(sims[label], count)
+                d[f"{label} registration_s"] = reg["seconds"]
+                say(f"{label}: registered in {reg['seconds']:.1f}s; heartbeating")
+            # Heartbeats alone for a moment: each gateway's CPU per second with its fleet (with
+            # 1 node that is the idle cost: probes, timers), hence the cost of a heartbeat.
+            cpu0 = {label: gw.cpu_s() for label, (gw, _) in gws.items()}
+            t0 = time.monotonic()
+            time.sleep(2.0)
+            for label, count in fleets:
+                d[f"{label} gateway_cpu_per_s"] = (gws[label][0].cpu_s() - cpu0[label]) / (
+                    time.monotonic() - t0
+                )
+                d[f"{label} beats_per_s"] = count / self.o.heartbeat_s
+                self._warm_writer(gws[label][1])
+                d[label] = []
+            for rep in range(self.o.reps):
+                for label, _ in fleets:
+                    res = self._wrk_writer(gws[label][1])
+                    d[label].append(res)
+                    say(
+                        f"rep {rep + 1} discovery {label}: p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms "
+                        f"{res.rps:,.0f} req/s bad {res.bad}"
+                    )
+            for label, sim in sims.items():
+                sim.popen.send_signal(signal.SIGTERM)
+                line = sim.readline(timeout_s=15)
+                if line:
+                    d[f"{label} heartbeats"] = json.loads(line)
+            d["labels"] = [label for label, _ in fleets]
         finally:
-            gw.stop()
+            for sim in sims.values():
+                sim.stop()
+            for gw, _ in gws.values():
+                gw.stop()
+
+    def _fleet(self, url: str, count: int, nginx_url: str, duration_s: float, name: str) -> Proc:
+        return Proc(
+            name,
+            [
+                self.python,
+                "-m",
+                "bench.discovery",
+                "--gateway",
+                url,
+                "--node-key",
+                NODE_KEY,
+                "--nodes",
+                str(count),
+                "--base-url",
+                nginx_url,
+                "--interval",
+                str(self.o.heartbeat_s),
+                "--duration",
+                str(duration_s),
+            ],
+            self.work,
+            cwd=str(REPO),
+            stdout_pipe=True,
+        )
+
+    @staticmethod
+    def _registered(sim: Proc, count: int) -> dict[str, Any]:
+        """Wait for the simulator's first line (it prints it once every node is registered)."""
+        line = sim.readline(timeout_s=120 + count / 100)
+        if not line:
+            raise RuntimeError(f"fleet simulator failed:\n{sim.tail()}")
+        reg: dict[str, Any] = json.loads(line)
+        if reg["failed"]:
+            raise RuntimeError(f"{reg['failed']} of {count} registrations failed")
+        return reg
 
     def _nginx_url(self) -> str:
         for p in self._procs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -68,6 +69,7 @@ class Proc:
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._pending = b""
         self.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE if stdout_pipe else self._log,
@@ -101,6 +103,28 @@ class Proc:
         except OSError:
             pass
         return 0.0
+
+    def readline(self, timeout_s: float) -> str:
+        """The next line of the child's stdout (``stdout_pipe=True``), waiting at most ``timeout_s``.
+
+        Returns '' at end of file; raises TimeoutError when no full line came in time.
+        """
+        assert self.popen.stdout is not None
+        fd = self.popen.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name} printed no line within {timeout_s:g}s:\n{self.tail()}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    line, self._pending = self._pending, b""
+                    return line.decode(errors="replace")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode(errors="replace") + "\n"
 
     def cpu_s(self) -> float:
         """User + system CPU seconds used so far by the process itself (from /proc)."""
