@@ -32,16 +32,30 @@ def _request(host: str, path: str, key: str, body: bytes) -> bytes:
 
 
 class _Conn:
-    """One keep-alive connection that sends a request and reads its answer, one at a time."""
+    """One keep-alive connection that sends a request and reads its answer, one at a time.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    The gateway closes a connection that stays idle past its keep-alive timeout (uvicorn: 5 s),
+    which a small fleet's heartbeats do: a request that finds its connection closed reconnects
+    and is sent once more.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
     async def call(self, request: bytes) -> int:
         async with asyncio.timeout(10):  # a gateway that stops answering must not hang the run
+            if self.writer is not None and not self.writer.is_closing():
+                try:
+                    return await self._call(request)
+                except (OSError, asyncio.IncompleteReadError):
+                    self.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             return await self._call(request)
 
     async def _call(self, request: bytes) -> int:
+        assert self.reader is not None and self.writer is not None
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -52,6 +66,11 @@ class _Conn:
         if length:
             await self.reader.readexactly(length)
         return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -77,7 +96,7 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    conns = [_Conn(*await asyncio.open_connection(host, port)) for _ in range(min(_CONNECTIONS, len(ids)))]
+    conns = [_Conn(host, port) for _ in range(min(_CONNECTIONS, len(ids)))]
 
     # -- registration: every connection works through its share of the nodes -----------------------
     failed: list[int] = []
@@ -108,8 +127,7 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 counts["ok" if await conn.call(beats[k % len(beats)]) == 200 else "bad"] += 1
             except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
-                counts["error"] += 1
-                return
+                counts["error"] += 1  # and carry on: the next call reconnects
 
     workers = [loop.create_task(worker(c), name=f"heartbeat-conn-{i}") for i, c in enumerate(conns)]
     step = args.interval / len(ids)
@@ -132,7 +150,7 @@ async def run(args: argparse.Namespace) -> None:
         w.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
     for c in conns:
-        c.writer.close()
+        c.close()
     elapsed = time.monotonic() - start
     cpu_us = (time.process_time() - cpu0) * 1e6 / max(1, counts["ok"])
     result = {**counts, "seconds": elapsed, "per_s": counts["ok"] / elapsed, "sim_cpu_us_per_beat": cpu_us}

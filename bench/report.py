@@ -73,6 +73,8 @@ def request_errors(r: Results) -> int:
     for key, value in r.discovery.items():
         if key not in ("direct", "labels") and isinstance(value, list):
             n += _bad(value)
+        elif key.endswith(" heartbeats") and isinstance(value, dict):
+            n += int(value.get("bad", 0)) + int(value.get("error", 0))
     return n
 
 
@@ -200,7 +202,7 @@ def _discovery(r: Results) -> list[str]:
     out = [
         "### Discovery at scale: routed requests (c=1) to a `discovered` alias "
         "while the fleet heartbeats every 10 s\n",
-        "| fleet | registration (s) | heartbeats/s answered | gateway CPU µs/heartbeat | p50 (ms) "
+        "| fleet | registration (s) | heartbeats/s answered (failed) | gateway CPU µs/heartbeat | p50 (ms) "
         "| added p50 over direct (ms) | p99 (ms) | req/s | non-2xx |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -208,7 +210,8 @@ def _discovery(r: Results) -> list[str]:
         runs = d[label]
         hb = d.get(f"{label} heartbeats", {})
         out.append(
-            f"| {label} | {d[f'{label} registration_s']:.1f} | {hb.get('per_s', 0):,.0f} "
+            f"| {label} | {d[f'{label} registration_s']:.1f} "
+            f"| {hb.get('per_s', 0):,.0f} ({hb.get('bad', 0) + hb.get('error', 0)}) "
             f"| {_cpu_beat(d, label)} | {_ms(_p50(runs))} "
             f"| {_ms(_p50(runs) - direct)} | {_ms(_p99(runs))} | {_rps(runs):,.0f} | {_bad(runs)} |"
         )
