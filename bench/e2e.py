@@ -143,6 +143,7 @@ async def _measure(
     whatever else the machine does at a moment costs both paths alike."""
     out: dict[str, dict[str, list[float]]] = {p: {"stream": [], "plain": []} for p in paths}
     out["gateway CPU us/token"] = {"stream": [], "plain": []}
+    out["errors"] = {p: [] for p in paths}  # failed requests per path (each retried once)
     timeout = aiohttp.ClientTimeout(total=120)
     # llama-server closes its end after a streamed response although it announced keep-alive,
     # so a pooled connection to it fails on the next request: a fresh connection each time.
@@ -158,9 +159,16 @@ async def _measure(
                 cpu0 = gateway_cpu()
                 for _ in range(requests):
                     for label, (url, hdrs) in paths.items():
-                        n, took = await _one(sessions[label], url, hdrs, mode == "stream", tokens)
-                        got[label][0] += n
-                        got[label][1] += took
+                        for _attempt in range(2):
+                            try:
+                                n, took = await _one(sessions[label], url, hdrs, mode == "stream", tokens)
+                            except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+                                out["errors"][label].append(1.0)
+                                say(f"e2e {label} {mode}: request failed: {exc}")
+                                continue
+                            got[label][0] += n
+                            got[label][1] += took
+                            break
                 gw_tokens = got["gateway + node agent"][0]
                 out["gateway CPU us/token"][mode].append((gateway_cpu() - cpu0) * 1e6 / max(1, gw_tokens))
                 for label, (n, secs) in got.items():
@@ -226,6 +234,8 @@ def run(
     from statistics import median
 
     result: dict[str, object] = {"paths": list(paths), "max_tokens": tokens, "requests": requests}
+    errors = raw.pop("errors")
+    result["errors"] = {label: len(v) for label, v in errors.items()}
     for label, modes in raw.items():
         result[label] = {mode: median(v) for mode, v in modes.items()}
     d, g = result["direct to llama-server"], result["gateway + node agent"]

@@ -75,6 +75,8 @@ def request_errors(r: Results) -> int:
             n += _bad(value)
         elif key.endswith(" heartbeats") and isinstance(value, dict):
             n += int(value.get("bad", 0)) + int(value.get("error", 0))
+    if r.e2e:
+        n += sum(r.e2e["errors"].values())  # type: ignore[attr-defined]
     return n
 
 
@@ -235,17 +237,17 @@ def _e2e(r: Results) -> list[str]:
     out = [
         f"### End to end: real llama-server, tiny model, {e['max_tokens']} tokens per request, "
         f"{e['requests']} sequential requests per path and run, alternating between the paths\n",
-        "| path | tokens/s, streaming | tokens/s, non-streaming |",
-        "| --- | ---: | ---: |",
+        "| path | tokens/s, streaming | tokens/s, non-streaming | failed requests |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for label in e["paths"]:
-        out.append(f"| {label} | {e[label]['stream']:,.0f} | {e[label]['plain']:,.0f} |")
+        failed = e["errors"].get(label, 0)
+        out.append(f"| {label} | {e[label]['stream']:,.0f} | {e[label]['plain']:,.0f} | {failed} |")
     cpu = e.get("gateway CPU us/token")
     if cpu:
-        out.append(f"| gateway CPU per relayed token (µs) | {cpu['stream']:,.0f} | {cpu['plain']:,.1f} |")
-    out.append(
-        f"| gateway + node agent / direct | {e['ratio_stream'] * 100:.1f}% | {e['ratio_plain'] * 100:.1f}% |"
-    )
+        out.append(f"| gateway CPU per relayed token (µs) | {cpu['stream']:,.0f} | {cpu['plain']:,.1f} | |")
+    ratios = f"{e['ratio_stream'] * 100:.1f}% | {e['ratio_plain'] * 100:.1f}%"
+    out.append(f"| gateway + node agent / direct | {ratios} | |")
     out.append("")
     return out
 
