@@ -124,7 +124,7 @@ def build_tensors(n_vocab: int) -> list[tuple[str, npt.NDArray[np.float32]]]:
     return tensors
 
 
-def write_model(out: Path, vocab: Path) -> None:
+def write_model(out: Path, vocab: Path, n_ctx: int = N_CTX) -> None:
     """Write the tiny model to ``out`` atomically (temp file in the same dir, then rename)."""
     tokenizer_kvs, n_vocab = read_tokenizer(vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def write_model(out: Path, vocab: Path) -> None:
         writer.add_name("rolemesh-tiny-llama")
         writer.add_description(f"random-weight test model; tokenizer from {vocab.name}")
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        writer.add_context_length(N_CTX)
+        writer.add_context_length(n_ctx)
         writer.add_embedding_length(N_EMBD)
         writer.add_block_count(N_LAYER)
         writer.add_feed_forward_length(N_FF)
@@ -172,10 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         help=f"vocab GGUF (or a dir holding {DEFAULT_VOCAB_FILE}); "
         "default: found via scripts/llama_server.sh --vocab-dir",
     )
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=N_CTX,
+        help=f"training context the model declares (default {N_CTX}); llama-server caps -c at it",
+    )
     args = parser.parse_args(argv)
+    if args.context_length < 64:
+        parser.error("--context-length must be at least 64")
     vocab = find_vocab(args.vocab)
     out: Path = args.out.resolve()
-    write_model(out, vocab)
+    write_model(out, vocab, args.context_length)
     size = out.stat().st_size
     print(f"{out} {size} bytes ({size / 1e6:.1f} MB)")
     return 0
