@@ -8,6 +8,7 @@ piece, everything else (SSE, chunked) chunk by chunk as it arrives.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -122,21 +123,29 @@ class UpstreamClient:
         target: str,
     ) -> aiohttp.ClientResponse:
         """Send a request; return once the response head arrived (first byte)."""
-        timeout = aiohttp.ClientTimeout(
-            total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.first_byte_s
-        )
-        try:
-            resp = await self.session.request(
-                method,
-                url,
-                data=body or None,
-                headers=headers,
-                timeout=timeout,
-                skip_auto_headers=_SKIP_AUTO,
-                allow_redirects=False,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise translate(exc, target) from exc
+        timeout = _client_timeout(timeouts)
+        for attempt in (1, 2):
+            try:
+                resp = await self.session.request(
+                    method,
+                    url,
+                    data=body or None,
+                    headers=headers,
+                    timeout=timeout,
+                    skip_auto_headers=_SKIP_AUTO,
+                    allow_redirects=False,
+                )
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection that the server had already closed (llama-server
+                # does so after a streamed answer although it announced keep-alive) fails before
+                # any answer: send once more, on a fresh connection.
+                if attempt == 1 and not isinstance(exc, aiohttp.ClientConnectorError):
+                    log.debug("retrying %s on a fresh connection after %r", target, exc)
+                    continue
+                raise translate(exc, target) from exc
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise translate(exc, target) from exc
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
             conn.protocol.read_timeout = timeouts.idle_s  # between body chunks from now on
@@ -151,6 +160,12 @@ class UpstreamClient:
                 return resp.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise translate(exc, url) from exc
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
+    """The aiohttp timeout for a route (built once per distinct setting, not per request)."""
+    return aiohttp.ClientTimeout(total=t.total_s, sock_connect=t.connect_s, sock_read=t.first_byte_s)
 
 
 def is_streamed(resp: aiohttp.ClientResponse) -> bool:
