@@ -126,11 +126,19 @@ def sse_error_event(exc: GatewayError) -> bytes:
     return b"data: " + exc.body() + b"\n\n"
 
 
+#: Requests that finish sooner than this never pay for a disconnect watcher (a task costs
+#: ~10 us; a timer handle ~1 us). A disconnect before the watcher starts is not lost: the
+#: server keeps it and the watcher sees it at once.
+WATCH_AFTER_S = 0.05
+
+
 async def cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
     """Run ``work``; if the client hangs up first, cancel it (frees the upstream slot)."""
     task = asyncio.current_task()
     assert task is not None
+    loop = asyncio.get_running_loop()
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -139,7 +147,11 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
             gone = True
             task.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch(), name="watch-client-disconnect")
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch(), name="watch-client-disconnect")
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
         await work
     except asyncio.CancelledError:
@@ -148,4 +160,6 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
             return
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()

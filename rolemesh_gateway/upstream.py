@@ -99,7 +99,10 @@ class UpstreamClient:
         # limit=0: no hidden concurrency cap (a default of 100 would queue the 101st stream).
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO,  # once here, not parsed again on every request
         )
 
     async def close(self) -> None:
@@ -132,7 +135,6 @@ class UpstreamClient:
                     data=body or None,
                     headers=headers,
                     timeout=timeout,
-                    skip_auto_headers=_SKIP_AUTO,
                     allow_redirects=False,
                 )
                 break

@@ -134,7 +134,9 @@ def test_bearer_auth_and_headers_forwarded(upstreams: Up, gateway: Gw) -> None:
         f"{gw.url}/v1/chat/completions", headers={"X-Api-Key": CLIENT_KEY}, json={"model": "planner"}
     )
     generated = r.headers["x-request-id"]
-    assert len(generated) == 32 and up.seen[-1].headers["X-Request-ID"] == generated
+    assert generated and up.seen[-1].headers["X-Request-ID"] == generated
+    again = httpx.post(f"{gw.url}/v1/chat/completions", headers={"X-Api-Key": CLIENT_KEY}, json={})
+    assert again.headers["x-request-id"] != generated  # unique per request
 
 
 def test_completions_and_embeddings_routes(upstreams: Up, gateway: Gw) -> None:
