@@ -295,3 +295,20 @@ def test_client_disconnect_cancels_upstream_request(upstreams: Up, gateway: Gw) 
         c.post("/v1/chat/completions", json={"model": "writer"}, timeout=0.3)
     wait_until(lambda: up.cancelled == 2, 1.0, "the upstream request to be cancelled")
     assert "Traceback" not in gw.log_text()
+
+
+def test_stream_silent_for_idle_s_ends_with_sse_error(upstreams: Up, gateway: Gw) -> None:
+    up = upstreams("writer", chunks=3, chunk_interval_s=3)
+    cfg = proxy_config(writer=up.url)
+    cfg["timeouts"] = {"first_byte_s": 10, "idle_s": 0.5}
+    gw = gateway(cfg)
+    events: list[str] = []
+    t0 = time.monotonic()
+    with gw.client() as c, c.stream("POST", "/v1/chat/completions", json={"stream": True}) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line]
+    elapsed = time.monotonic() - t0
+    # One chunk, then silence: the idle limit (not first_byte_s, not the upstream's 3 s) ends it.
+    assert len(events) == 2 and '"t0 "' in events[0]
+    assert events[1].startswith('data: {"error"') and "upstream_timeout" in events[1]
+    assert 0.4 < elapsed < 2.0
