@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import orjson
 
 from .. import __version__
 from ..errors import GatewayError
 from ..protocol import NODE_KEY_HEADER, HeartbeatRequest, RegisterRequest, RegisterResponse
+from ..settings import Timeouts
 from ..upstream import UpstreamClient, translate
 from .config import AgentConfig
 from .supervisor import Supervisor
@@ -176,20 +178,33 @@ class Registrar:
 
     # -- HTTP -----------------------------------------------------------------------------
     async def _call(self, method: str, path: str, payload: dict[str, Any] | None) -> tuple[int, Any]:
+        # Through UpstreamClient.open: the same error translation, and a keep-alive connection
+        # the gateway closed between two heartbeats is retried at once on a fresh one.
         url = f"{self.cfg.gateway_url}{path}"
-        timeout = aiohttp.ClientTimeout(total=self.cfg.gateway_timeout_s)
+        t = self.cfg.gateway_timeout_s
+        headers = [(k, v) for k, v in self._headers.items()]
+        body = b""
+        if payload is not None:
+            headers.append(("Content-Type", "application/json"))
+            body = orjson.dumps(payload)
+        limits = Timeouts(connect_s=t, first_byte_s=t, idle_s=t, total_s=t)
         try:
-            async with self._client.session.request(
-                method, url, json=payload, headers=self._headers, timeout=timeout, allow_redirects=False
-            ) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:
-                    body = None
-                return resp.status, body
+            resp = await self._client.open(
+                method, url, headers, body, limits, f"gateway {self.cfg.gateway_url}"
+            )
+            try:
+                raw = await resp.read()
+            finally:
+                resp.release()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             err: GatewayError = translate(exc, f"gateway {self.cfg.gateway_url}")
             raise GatewayProblem(err.message.replace("upstream ", "", 1)) from exc
+        except GatewayError as err:
+            raise GatewayProblem(err.message.replace("upstream ", "", 1)) from err
+        try:
+            return resp.status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return resp.status, None
 
 
 def _is_busy(slot: dict[str, Any]) -> bool:
