@@ -15,6 +15,7 @@ A ``url`` role gets an :class:`ExternalServer`, which only probes the health pat
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -61,7 +62,7 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return setup
 
 
-class Backend:
+class Backend(abc.ABC):
     """The server behind one role, as the proxy and the registration see it."""
 
     def __init__(self, role: str, url: str | None, on_change: Callable[[], None]) -> None:
@@ -81,8 +82,9 @@ class Backend:
             )
             self._on_change()
 
+    @abc.abstractmethod
     async def run(self) -> None:
-        raise NotImplementedError
+        """Watch (and for llama-server, start and restart) the server until cancelled."""
 
     def describe(self) -> dict[str, object]:
         return {"ready": self.ready, "state": self.state, "detail": self.detail, "kind": "url"}
