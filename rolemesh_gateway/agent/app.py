@@ -40,7 +40,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..tasks import TaskOwner
-from ..upstream import StreamBroken, UpstreamClient, relay, upstream_headers
+from ..upstream import StreamBroken, UpstreamClient, is_streamed, relay, upstream_headers
 from .config import AgentConfig
 from .registration import GatewayProblem, Registrar
 from .supervisor import Supervisor
@@ -188,7 +188,12 @@ class Agent:
         except StreamBroken:
             pass  # the caller got an SSE error event; relay logged it
         finally:
-            resp.release()
+            if is_streamed(resp):
+                # llama-server closes its end after a streamed answer although it announced
+                # keep-alive; closing ours too spares the next request a dead pooled connection.
+                resp.close()
+            else:
+                resp.release()
 
 
 def create_app(cfg: AgentConfig) -> Agent:
