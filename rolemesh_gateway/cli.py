@@ -12,11 +12,18 @@ from collections.abc import Sequence
 
 from . import __version__
 from .logs import setup_logging
-from .settings import CONFIG_ENV, ConfigError, Settings, is_loopback, load_settings
+from .settings import (
+    CONFIG_ENV,
+    INSECURE_ENV,
+    ConfigError,
+    Settings,
+    insecure_bind_allowed,
+    is_loopback,
+    load_settings,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-INSECURE_ENV = "ROLE_MESH_ALLOW_INSECURE_BIND"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.config)
-    allow = args.allow_insecure_bind or os.environ.get(INSECURE_ENV, "") in ("1", "true", "yes")
+    allow = insecure_bind_allowed(args.allow_insecure_bind)
     return serve(args.config, args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, allow, args.log_level)
 
 

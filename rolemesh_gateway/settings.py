@@ -32,6 +32,8 @@ from .routing import STRATEGIES
 CONFIG_ENV = "ROLE_MESH_CONFIG"
 #: Environment variable overriding ``nodes.stale_after_s`` (the guide's contract).
 STALE_ENV = "ROLE_MESH_NODE_STALE_AFTER_S"
+#: Environment variable meaning --allow-insecure-bind, for both programs.
+INSECURE_ENV = "ROLE_MESH_ALLOW_INSECURE_BIND"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -344,6 +346,12 @@ def load_settings(
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
     return parse_settings(data, source=str(p), env=env)
+
+
+def insecure_bind_allowed(flag: bool | None, env: Mapping[str, str] | None = None) -> bool:
+    """``--allow-insecure-bind`` given, or ROLE_MESH_ALLOW_INSECURE_BIND set to 1/true/yes."""
+    env = os.environ if env is None else env
+    return bool(flag) or env.get(INSECURE_ENV, "").lower() in ("1", "true", "yes")
 
 
 def is_loopback(host: str) -> bool:

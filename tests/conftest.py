@@ -9,13 +9,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import yaml
 
 from tests.fakes import FakeUpstream, free_port
+
+if TYPE_CHECKING:
+    from tests.agents import AgentProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_KEY = "test-client-key"
@@ -146,3 +149,20 @@ def proxy_config(**aliases: str) -> dict[str, Any]:
         "probes": {"interval_s": 0.3, "timeout_s": 0.5},
         "models": {a: {"type": "proxy", "openai_model_name": a, "proxy_url": u} for a, u in aliases.items()},
     }
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start ``rolemesh-node-agent`` processes; all are stopped after the test."""
+    from tests.agents import AgentProcess  # here: tests.agents imports this module
+
+    started: list[AgentProcess] = []
+
+    def make(config: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> AgentProcess:
+        a = AgentProcess(config, tmp_path, env)
+        started.append(a)
+        return a.start(*args)
+
+    yield make
+    for a in started:
+        a.stop()

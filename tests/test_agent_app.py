@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import httpx
 import openai
 import pytest
 
+from tests.agents import AGENT_BIN, AgentProcess
 from tests.conftest import CLIENT_KEY, NODE_KEY, GatewayProcess, wait_until
-from tests.e2e.conftest import AGENT_BIN, AgentProcess
 from tests.fakes import FakeUpstream, free_port
 from tests.test_agent_supervisor import write_fake_llama_server
 
@@ -30,20 +30,6 @@ Ag = Callable[..., AgentProcess]
 KEY = {"X-RoleMesh-Node-Key": NODE_KEY}
 STALE_S = 3.0
 INTERVAL_S = 0.5
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Ag]:
-    started: list[AgentProcess] = []
-
-    def make(config: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> AgentProcess:
-        a = AgentProcess(config, tmp_path, env)
-        started.append(a)
-        return a.start(*args)
-
-    yield make
-    for a in started:
-        a.stop()
 
 
 def agent_config(gateway_url: str = "http://127.0.0.1:9", **roles: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 from rolemesh_gateway.agent.config import AgentConfig, parse_config
 from rolemesh_gateway.agent.supervisor import ManagedServer, Supervisor
 from rolemesh_gateway.upstream import UpstreamClient
+from tests.agents import alive
 from tests.conftest import wait_until
 from tests.fakes import free_port
 
@@ -140,15 +141,6 @@ async def until(check: Callable[[], bool], limit_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def server(sup: Supervisor) -> ManagedServer:

@@ -9,17 +9,13 @@ A second Ctrl-C exits at once; the children still die with the agent (parent-dea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from ..logs import setup_logging
-from ..settings import ConfigError, is_loopback
+from ..settings import INSECURE_ENV, ConfigError, insecure_bind_allowed, is_loopback
 from .config import DEFAULT_HOST, DEFAULT_PORT, AgentConfig, load_config
-
-#: Same name as the gateway's: bind a non-loopback address without a key on purpose.
-INSECURE_ENV = "ROLE_MESH_ALLOW_INSECURE_BIND"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.config:
         print("rolemesh-node-agent: --config agent.yaml is required", file=sys.stderr)
         return 2
-    allow = args.allow_insecure_bind or os.environ.get(INSECURE_ENV, "") in ("1", "true", "yes")
+    allow = insecure_bind_allowed(args.allow_insecure_bind)
     return serve(args.config, args.host, args.port, allow, args.log_level, args.graceful_timeout)
 
 

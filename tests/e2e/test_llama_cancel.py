@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.agents import AgentProcess
 from tests.conftest import CLIENT_KEY, NODE_KEY, ROOT, GatewayProcess, wait_until
-from tests.e2e.conftest import AgentProcess
 
 HELLO = [{"role": "user", "content": "Tell me a very long story."}]
 #: llama-server caps a slot's context at the model's training context; this model declares 32k

@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
+from tests.agents import AgentProcess, alive
 from tests.conftest import CLIENT_KEY, NODE_KEY, ROOT, GatewayProcess, wait_until
-from tests.e2e.conftest import AgentProcess, alive
 
 Gw = Callable[..., GatewayProcess]
 Ag = Callable[..., AgentProcess]
