@@ -217,7 +217,7 @@ class Gateway:
             if rid is not None:  # absurdly long: replace it
                 headers = [h for h in headers if h[0] != b"x-request-id"]
             rid = b"%s%x" % (self._rid_prefix, next(self._rid_counter))
-            out = upstream_headers(headers, [("X-Request-ID", rid.decode("latin-1"))])
+            out = upstream_headers(headers, [(b"x-request-id", rid)])
         path = scope["path"]
         if scope.get("query_string"):
             path = f"{path}?{scope['query_string'].decode('latin-1')}"

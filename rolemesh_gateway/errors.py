@@ -1,7 +1,7 @@
 """The gateway's exception tree and its one mapping to OpenAI-shaped error responses.
 
 Everything that can go wrong while serving a request is raised as a :class:`GatewayError`
-subclass; third-party errors (aiohttp, JSON) are translated into these at one choke point
+subclass; third-party errors (sockets, JSON) are translated into these at one choke point
 (:mod:`rolemesh_gateway.upstream` and the request readers), and :func:`error_payload` turns
 any of them into the body OpenAI clients understand.
 """

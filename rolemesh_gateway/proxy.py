@@ -25,6 +25,7 @@ from .settings import DiscoveredModel, ProxyModel, QueueSettings, Settings, Time
 from .upstream import StreamBroken, UpstreamClient, UpstreamUnreachable, relay
 
 log = logging.getLogger("rolemesh.proxy")
+_NODE_KEY = NODE_KEY_HEADER.lower().encode("ascii")
 
 
 class WaitQueue:
@@ -124,7 +125,7 @@ class Forwarder:
         self.client = client
         self.registry = registry
         self.health = health
-        self.node_keys = settings.auth.node_api_keys
+        self.node_keys = [k.encode("latin-1") for k in settings.auth.node_api_keys]
         self.eject_after = settings.nodes.eject_after_failures
         self.eject_for_s = settings.nodes.eject_for_s
 
@@ -203,7 +204,7 @@ class Forwarder:
         route: Route,
         method: str,
         path: str,
-        headers: list[tuple[str, str]],
+        headers: Headers,
         body: bytes,
         send: Send,
         extra: Headers,
@@ -218,7 +219,7 @@ class Forwarder:
         route: Route,
         method: str,
         path: str,
-        headers: list[tuple[str, str]],
+        headers: Headers,
         body: bytes,
         send: Send,
         extra: Headers,
@@ -242,7 +243,7 @@ class Forwarder:
         route: Route,
         method: str,
         path: str,
-        headers: list[tuple[str, str]],
+        headers: Headers,
         body: bytes,
         send: Send,
         extra: Headers,
@@ -260,7 +261,7 @@ class Forwarder:
             tried.append(node)
             node_headers = headers
             if 0 <= node.key_index < len(self.node_keys):
-                node_headers = [*headers, (NODE_KEY_HEADER, self.node_keys[node.key_index])]
+                node_headers = [*headers, (_NODE_KEY, self.node_keys[node.key_index])]
             target = f"node {node.node_id} ({node.base_url})"
             node.inflight += 1
             try:

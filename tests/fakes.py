@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 def free_port() -> int:
@@ -22,7 +23,7 @@ def free_port() -> int:
 @dataclass
 class Seen:
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # names are case-insensitive, as in HTTP
     body: dict[str, Any]
 
 
@@ -61,7 +62,7 @@ class FakeUpstream:
     async def _infer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = json.loads(raw) if raw else {}
-        self.seen.append(Seen(request.path_qs, dict(request.headers), body))
+        self.seen.append(Seen(request.path_qs, CIMultiDict(request.headers), body))
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)

@@ -180,7 +180,7 @@ class Agent:
             self.inflight -= 1
 
     async def _forward(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, send: Send, target: str
+        self, method: str, url: str, headers: Headers, body: bytes, send: Send, target: str
     ) -> None:
         resp = await self.client.open(method, url, headers, body, self.cfg.proxy.timeouts, target)
         try:

@@ -17,14 +17,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from .. import __version__
 from ..errors import GatewayError
 from ..protocol import NODE_KEY_HEADER, HeartbeatRequest, RegisterRequest, RegisterResponse
-from ..settings import Timeouts
-from ..upstream import UpstreamClient, translate
+from ..upstream import UpstreamClient
 from .config import AgentConfig
 from .supervisor import Supervisor
 
@@ -48,7 +46,7 @@ class Registrar:
         self._client = client
         self._supervisor = supervisor
         self._inflight = inflight
-        self._headers = {NODE_KEY_HEADER: cfg.node_key} if cfg.node_key else {}
+        self._headers = [(NODE_KEY_HEADER.encode(), cfg.node_key.encode("latin-1"))] if cfg.node_key else []
         #: Roles the gateway currently has for this node; None when it has none.
         self.registered: tuple[str, ...] | None = None
         self.heartbeats = 0
@@ -163,13 +161,10 @@ class Registrar:
 
     async def _slots(self, url: str) -> tuple[int, int] | None:
         """``(total, busy)`` from llama-server's ``/slots``; None where it is not offered."""
-        timeout = aiohttp.ClientTimeout(total=_SLOTS_TIMEOUT_S)
         try:
-            async with self._client.session.get(f"{url}/slots", timeout=timeout) as resp:
-                if resp.status != 200:
-                    return None
-                slots = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            status, raw = await self._client.fetch("GET", f"{url}/slots", _SLOTS_TIMEOUT_S)
+            slots = orjson.loads(raw) if status == 200 else None
+        except (GatewayError, orjson.JSONDecodeError):
             return None
         if not isinstance(slots, list):
             return None
@@ -178,33 +173,25 @@ class Registrar:
 
     # -- HTTP -----------------------------------------------------------------------------
     async def _call(self, method: str, path: str, payload: dict[str, Any] | None) -> tuple[int, Any]:
-        # Through UpstreamClient.open: the same error translation, and a keep-alive connection
-        # the gateway closed between two heartbeats is retried at once on a fresh one.
-        url = f"{self.cfg.gateway_url}{path}"
-        t = self.cfg.gateway_timeout_s
-        headers = [(k, v) for k, v in self._headers.items()]
+        # Through the one upstream client: the same errors, and a keep-alive connection the
+        # gateway closed between two heartbeats is retried at once on a fresh one.
+        headers = list(self._headers)
         body = b""
         if payload is not None:
-            headers.append(("Content-Type", "application/json"))
+            headers.append((b"content-type", b"application/json"))
             body = orjson.dumps(payload)
-        limits = Timeouts(connect_s=t, first_byte_s=t, idle_s=t, total_s=t)
+        url = f"{self.cfg.gateway_url}{path}"
+        target = f"gateway {self.cfg.gateway_url}"
         try:
-            resp = await self._client.open(
-                method, url, headers, body, limits, f"gateway {self.cfg.gateway_url}"
+            status, raw = await self._client.fetch(
+                method, url, self.cfg.gateway_timeout_s, headers, body, target
             )
-            try:
-                raw = await resp.read()
-            finally:
-                resp.release()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            err: GatewayError = translate(exc, f"gateway {self.cfg.gateway_url}")
-            raise GatewayProblem(err.message.replace("upstream ", "", 1)) from exc
         except GatewayError as err:
             raise GatewayProblem(err.message.replace("upstream ", "", 1)) from err
         try:
-            return resp.status, orjson.loads(raw) if raw else None
+            return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
-            return resp.status, None
+            return status, None
 
 
 def _is_busy(slot: dict[str, Any]) -> bool:
