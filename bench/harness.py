@@ -60,6 +60,8 @@ class Options:
     cases: tuple[str, ...] = ("non-streaming", "streaming", "discovery", "end-to-end")
     #: Run the gateway (and node agent) from this source tree instead of the installed package.
     gateway_src: Path | None = None
+    #: End to end: llama-server on a core of its own, everything else on the others.
+    e2e_pin: bool = True
     #: Also measure a gateway from this tree, interleaved with the checkout's (an A/B in one run).
     compare_src: Path | None = None
 
@@ -354,7 +356,11 @@ class Bench:
         if reason:
             self.r.skipped["end-to-end"] = reason
             return
-        self.r.e2e = e2e.run(self.work, self.python, self.o.quick, self.o.reps, say, self.o.gateway_src)
+        # At least 5 runs here: a run is 15 s, and its ratio swings with the machine's noise.
+        reps = self.o.reps if self.o.quick else max(5, self.o.reps)
+        self.r.e2e = e2e.run(
+            self.work, self.python, self.o.quick, reps, say, self.o.gateway_src, self.o.e2e_pin
+        )
 
     def run(self) -> None:
         cases = [
@@ -420,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run a gateway from this tree, interleaved with the checkout's (non-streaming, streaming)",
     )
     p.add_argument(
+        "--e2e-no-pin",
+        action="store_true",
+        help="end to end: let the scheduler place llama-server and the relays (default: pinned apart)",
+    )
+    p.add_argument(
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
         help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end",
@@ -430,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         cases=tuple(c.strip() for c in args.cases.split(",")),
         gateway_src=Path(args.gateway_src).resolve() if args.gateway_src else None,
         compare_src=Path(args.compare_src).resolve() if args.compare_src else None,
+        e2e_pin=not args.e2e_no_pin,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)

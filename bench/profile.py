@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .procs import Proc
 from .targets import CLIENT_KEY, gateway_config, start_rolemesh
-from .upstreams import CHAT_REQUEST, start_nginx
+from .upstreams import CHAT_REQUEST, start_nginx, start_sse
 from .wrk import run_wrk, write_script
 
 
@@ -46,28 +46,40 @@ def main() -> None:
     p.add_argument("--py-spy", required=True, help="path to the py-spy binary")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--streams", type=int, default=0, help="profile N concurrent SSE streams instead")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--gateway-src", type=Path, default=None, help="run the gateway from this tree")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rolemesh-profile-"))
     procs: list[Proc] = []
     try:
-        nginx, upstream = start_nginx(work)
-        procs.append(nginx)
+        if a.streams:
+            chunks = 20_000
+            upstream_proc, upstream = start_sse(work, sys.executable, chunks, 0.0)
+        else:
+            upstream_proc, upstream = start_nginx(work)
+        procs.append(upstream_proc)
         gw, url = start_rolemesh(work, sys.executable, "gateway", gateway_config(upstream), a.gateway_src)
         procs.append(gw)
+        url += "/v1/chat/completions"
         script = write_script(work)
-        body = CHAT_REQUEST
-        run_wrk(url + "/v1/chat/completions", script, body, a.connections, 2, CLIENT_KEY)  # warm up
+        if not a.streams:
+            run_wrk(url, script, CHAT_REQUEST, a.connections, 2, CLIENT_KEY)  # warm up
         raw = work / "profile.txt"
         spy = [a.py_spy, "record", "--pid", str(gw.pid), "--duration", str(round(a.duration))]
         recorder = threading.Thread(
             target=subprocess.run, args=([*spy, "--rate", "500", "--format", "raw", "-o", str(raw)],)
         )
         recorder.start()
-        result = run_wrk(url + "/v1/chat/completions", script, body, a.connections, a.duration, CLIENT_KEY)
+        if a.streams:
+            load = [sys.executable, "-m", "bench.streams", "--url", url, "--key", CLIENT_KEY]
+            load += ["--streams", str(a.streams), "--chunks", str(chunks), "--timeout", str(a.duration + 60)]
+            out = subprocess.run(load, capture_output=True, text=True, timeout=a.duration + 90, check=False)
+            print(out.stdout.strip() or out.stderr[-500:])
+        else:
+            result = run_wrk(url, script, CHAT_REQUEST, a.connections, a.duration, CLIENT_KEY)
+            print(f"{result.rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms at c={a.connections}")
         recorder.join(a.duration + 30)
-        print(f"{result.rps:,.0f} req/s, p50 {result.p50_ms:.3f} ms at c={a.connections}")
         for share, fn in top_functions(raw, a.top):
             print(f"{share:5.1f}%  {fn}")
         print(f"collapsed stacks (for flamegraph.pl or speedscope): {raw}")

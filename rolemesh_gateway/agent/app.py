@@ -40,7 +40,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..tasks import TaskOwner
-from ..upstream import StreamBroken, UpstreamClient, is_streamed, relay, upstream_headers
+from ..upstream import StreamBroken, UpstreamClient, relay, upstream_headers
 from .config import AgentConfig
 from .registration import GatewayProblem, Registrar
 from .supervisor import Supervisor
@@ -188,12 +188,10 @@ class Agent:
         except StreamBroken:
             pass  # the caller got an SSE error event; relay logged it
         finally:
-            if is_streamed(resp):
-                # llama-server closes its end after a streamed answer although it announced
-                # keep-alive; closing ours too spares the next request a dead pooled connection.
-                resp.close()
-            else:
-                resp.release()
+            # Kept alive when the backend allows it. llama-server closes its end after a
+            # streamed answer; the client then drops that connection from its pool (or, if the
+            # next request races the close, sends it again on a fresh one).
+            resp.release()
 
 
 def create_app(cfg: AgentConfig) -> Agent:
