@@ -249,7 +249,7 @@ class Response:
             self._timer = None
 
     def on_lost(self, exc: BaseException | None) -> None:
-        if self.complete:
+        if self.complete or self._error is not None:  # done, or we closed it (a timeout)
             return
         if self.head_done and self.until_close and exc is None:
             self.reuse = False
@@ -273,7 +273,7 @@ class Response:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.complete and self.reuse and self._error is None and not conn.closed:
+        if self.complete and self.reuse and self._error is None and conn.reusable():
             self.pool.put(conn)
         else:
             conn.abort()
@@ -371,6 +371,12 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
+    def reusable(self) -> bool:
+        # Not if part of the request is still unsent (the server answered early): the rest
+        # would reach the server as the start of the next request.
+        t = self.transport
+        return not self.closed and t is not None and not t.is_closing() and not t.get_write_buffer_size()
+
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -391,7 +397,7 @@ class _Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            if conn.reusable() and now - conn.idle_since < self.keepalive_s:
                 return conn
             conn.abort()
         return None

@@ -201,6 +201,24 @@ def test_timeouts_first_byte_idle_and_total() -> None:
     run(_with_client(go))
 
 
+def test_a_body_that_ends_with_the_connection_still_times_out() -> None:
+    async def go(client: Client) -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it")
+            await writer.drain()
+            await reader.read()  # then silence, until the client gives up
+
+        async with Server(handler) as srv:
+            resp = await client.open("GET", srv.url, [], b"", Timeouts(idle_s=0.3), "t")
+            # Closing the connection on the timeout must not pass for the end of the body.
+            with pytest.raises(UpstreamTimeout):
+                await resp.read()
+            resp.release()
+
+    run(_with_client(go))
+
+
 def test_connect_errors_are_unreachable() -> None:
     async def go(client: Client) -> None:
         with pytest.raises(UpstreamUnreachable, match="cannot connect to upstream dead"):
