@@ -9,11 +9,12 @@
 # llama.cpp llama-server (scripts/llama_server.sh: cached, ~4 minutes to build once); writes a
 # tiny random-weight model unless you give one; writes configs into .rolemesh/; starts a node
 # agent serving the roles planner and writer from that model, and the gateway on 127.0.0.1:8000
-# with `type: discovered` aliases; waits for /ready; runs the guide's two smoke-test curls.
+# with `type: discovered` aliases; waits until every alias is available; runs the guide's two
+# smoke-test curls.
 #
 # Environment: ROLE_MESH_QUICKSTART_MODEL (same as --model), ROLE_MESH_LLAMA_SERVER (use this
 # llama-server), ROLE_MESH_CACHE_DIR (cache, default ~/.cache/rolemesh),
-# ROLE_MESH_QUICKSTART_TIMEOUT (seconds to wait for /ready, default 300).
+# ROLE_MESH_QUICKSTART_TIMEOUT (seconds to wait for every alias, default 300).
 set -euo pipefail
 
 SMOKE=0
@@ -183,10 +184,19 @@ check_alive() {
     fi
 }
 
-step "waiting for the gateway to be ready (llama-server loads the model, the agent registers)"
+# Ready means every alias can serve: /ready speaks for the default model only, and the agent
+# registers each role as soon as its llama-server has loaded, one after the other.
+all_models_ready() {
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GATEWAY_PORT/ready")" == 200 ]] \
+        && curl -s "http://127.0.0.1:$GATEWAY_PORT/v1/models" -H "X-Api-Key: $CLIENT_KEY" \
+            | .venv/bin/python -c 'import json,sys; sys.exit(1 if json.load(sys.stdin)["rolemesh"]["unavailable_models"] else 0)' \
+            2>/dev/null
+}
+
+step "waiting for the gateway to be ready (llama-server loads the models, the agent registers them)"
 waited=0
 shown=""
-until [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GATEWAY_PORT/ready")" == 200 ]]; do
+until all_models_ready; do
     check_alive
     ((waited >= READY_TIMEOUT * 4)) && die "not ready after ${READY_TIMEOUT}s; see $STATE/agent.log and $STATE/gateway.log"
     if ((waited % 8 == 0)); then   # every 2 s: what the agent's roles are doing
