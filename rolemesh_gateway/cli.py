@@ -24,6 +24,7 @@ from .settings import (
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+DEFAULT_GRACEFUL_S = 30
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,9 +49,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     p.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=int,
         default=None,
         help="on SIGTERM, seconds to let in-flight requests and streams finish (default 30)",
+    )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log a line per request (off by default: it costs about as much CPU as the relaying)",
     )
     p.add_argument(
         "--allow-insecure-bind",
@@ -89,7 +95,8 @@ def serve(
     port: int,
     allow_insecure: bool,
     log_level: str | None,
-    graceful_timeout_s: float = 30.0,
+    graceful_timeout_s: int = DEFAULT_GRACEFUL_S,
+    access_log: bool = False,
 ) -> int:
     """Validate, check the bind address is safe, then run uvicorn (uvloop + httptools)."""
     setup_logging(log_level)
@@ -118,7 +125,8 @@ def serve(
         loop="auto",
         http="auto",
         log_level=log_level or "info",
-        access_log=False,
+        access_log=access_log,
+        timeout_graceful_shutdown=graceful_timeout_s,
         server_header=False,
         date_header=False,
         lifespan="on",
@@ -131,7 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         return validate(args.config)
     allow = insecure_bind_allowed(args.allow_insecure_bind)
-    return serve(args.config, args.host or DEFAULT_HOST, args.port or DEFAULT_PORT, allow, args.log_level)
+    graceful = args.graceful_timeout if args.graceful_timeout is not None else DEFAULT_GRACEFUL_S
+    return serve(
+        args.config,
+        args.host or DEFAULT_HOST,
+        args.port or DEFAULT_PORT,
+        allow,
+        args.log_level,
+        graceful,
+        args.access_log,
+    )
 
 
 if __name__ == "__main__":
