@@ -101,15 +101,27 @@ class UpstreamClient:
         return status
 
 
+#: Bodies with a length up to this size are read whole before the client gets the head, so that
+#: a failure while reading can still be answered cleanly (or retried on another node); larger
+#: ones are relayed as they arrive, so that memory stays bounded whatever an upstream sends.
+BUFFER_MAX = 4 * 1024 * 1024
+
+
 def is_streamed(resp: Response) -> bool:
-    return resp.content_type == "text/event-stream" or resp.content_length is None
+    return (
+        resp.content_type == "text/event-stream"
+        or resp.content_length is None
+        or resp.content_length > BUFFER_MAX
+    )
 
 
 async def relay(resp: Response, send: Send, extra_headers: Headers, target: str) -> int:
     """Relay an upstream response to the ASGI client; returns the bytes relayed.
 
-    Errors after the head was sent end an SSE stream with an error event (never a silent
-    cut); errors before it propagate as GatewayError so the caller can still answer or retry.
+    Errors before the head was sent propagate as GatewayError, so the caller can still answer
+    or retry. After it, an SSE stream ends with an error event; any other body is left
+    unfinished, and the server closes the connection, so that a client never takes a cut
+    body for a whole one.
     """
     headers = response_headers(resp.headers)
     headers.extend(extra_headers)
@@ -122,6 +134,8 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
     sse = resp.content_type == "text/event-stream"
     if sse:
         headers.extend(SSE_HEADERS)
+    if resp.content_length is not None:
+        headers.append((b"content-length", b"%d" % resp.content_length))
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
     total = 0
     try:
@@ -130,8 +144,8 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except GatewayError as err:
         log.warning("stream from %s broke after %d bytes: %s", target, total, err.message)
-        tail = sse_error_event(err) if sse else b""
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        if sse:
+            await send({"type": "http.response.body", "body": sse_error_event(err), "more_body": False})
         raise StreamBroken(err) from err
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return total

@@ -32,7 +32,9 @@ class FakeUpstream:
     """An OpenAI-compatible server: answers chat/completions/embeddings, streams on request.
 
     Behaviour knobs may be changed while it runs: ``delay_s`` before the head, ``status``,
-    ``chunks`` and ``chunk_interval_s`` for streams, ``health_status``.
+    ``chunks`` and ``chunk_interval_s`` for streams, ``health_status``; ``big_body`` > 0 answers
+    with a body of that many bytes (with a length), sent in two halves ``chunk_interval_s``
+    apart, and with ``cut_body`` the connection is dropped after the first half.
     """
 
     name: str = "fake"
@@ -43,6 +45,8 @@ class FakeUpstream:
     chunks: int = 3
     chunk_interval_s: float = 0.0
     health_status: int = 200
+    big_body: int = 0
+    cut_body: bool = False
     seen: list[Seen] = field(default_factory=list)
     cancelled: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -71,6 +75,8 @@ class FakeUpstream:
                     {"error": {"message": f"{self.name} failing", "type": "server_error"}},
                     status=self.status,
                 )
+            if self.big_body:
+                return await self._big(request)
             if request.path == "/v1/embeddings":
                 return web.json_response(
                     {
@@ -102,6 +108,21 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+
+    async def _big(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = self.big_body
+        await resp.prepare(request)
+        half = self.big_body // 2
+        await resp.write(b"a" * half)
+        await asyncio.sleep(self.chunk_interval_s)
+        if self.cut_body:
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write(b"b" * (self.big_body - half))
+        await resp.write_eof()
+        return resp
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

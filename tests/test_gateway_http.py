@@ -312,3 +312,29 @@ def test_stream_silent_for_idle_s_ends_with_sse_error(upstreams: Up, gateway: Gw
     assert len(events) == 2 and '"t0 "' in events[0]
     assert events[1].startswith('data: {"error"') and "upstream_timeout" in events[1]
     assert 0.4 < elapsed < 2.0
+
+
+def test_large_bodies_flow_through_and_a_cut_body_never_looks_whole(upstreams: Up, gateway: Gw) -> None:
+    size = 12 * 1024 * 1024  # over the 4 MiB the gateway reads whole before answering
+    up = upstreams("writer", big_body=size, chunk_interval_s=1.0)
+    gw = gateway(proxy_config(writer=up.url))
+    with gw.client() as c:
+        t0 = time.monotonic()
+        with c.stream("POST", "/v1/embeddings", json={"model": "writer", "input": "x"}) as r:
+            assert r.status_code == 200 and r.headers["content-length"] == str(size)
+            got = 0
+            first_at = 0.0
+            for chunk in r.iter_bytes():
+                first_at = first_at or time.monotonic() - t0
+                got += len(chunk)
+        # The first half reached the client while the upstream was still pausing.
+        assert first_at < 0.9 and got == size
+        up.cut_body = True
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            c.stream("POST", "/v1/embeddings", json={"model": "writer", "input": "x"}) as r,
+        ):
+            for _ in r.iter_bytes():
+                pass
+        up.big_body, up.cut_body = 0, False
+        assert c.post("/v1/embeddings", json={"model": "writer", "input": "x"}).status_code == 200
