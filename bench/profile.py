@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from .procs import Proc
-from .targets import CLIENT_KEY, gateway_config, start_rolemesh
+from .targets import CLIENT_KEY, NODE_KEY, REPO, gateway_config, start_rolemesh
 from .upstreams import CHAT_REQUEST, start_nginx, start_sse
 from .wrk import run_wrk, write_script
 
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--streams", type=int, default=0, help="profile N concurrent SSE streams instead")
+    p.add_argument("--fleet", type=int, default=0, help="profile N nodes heartbeating every 10 s instead")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--gateway-src", type=Path, default=None, help="run the gateway from this tree")
     a = p.parse_args()
@@ -63,7 +65,20 @@ def main() -> None:
         procs.append(gw)
         url += "/v1/chat/completions"
         script = write_script(work)
-        if not a.streams:
+        if a.fleet:
+            gateway = url.removesuffix("/v1/chat/completions")
+            argv = ["--gateway", gateway, "--node-key", NODE_KEY, "--nodes", str(a.fleet)]
+            argv += ["--base-url", upstream, "--duration", str(a.duration + 30)]
+            sim = Proc(
+                "fleet",
+                [sys.executable, "-m", "bench.discovery", *argv],
+                work,
+                cwd=str(REPO),
+                stdout_pipe=True,
+            )
+            procs.append(sim)
+            print(sim.readline(timeout_s=120 + a.fleet / 100).strip())  # all registered
+        elif not a.streams:
             run_wrk(url, script, CHAT_REQUEST, a.connections, 2, CLIENT_KEY)  # warm up
         raw = work / "profile.txt"
         spy = [a.py_spy, "record", "--pid", str(gw.pid), "--duration", str(round(a.duration))]
@@ -71,7 +86,9 @@ def main() -> None:
             target=subprocess.run, args=([*spy, "--rate", "500", "--format", "raw", "-o", str(raw)],)
         )
         recorder.start()
-        if a.streams:
+        if a.fleet:
+            time.sleep(a.duration)
+        elif a.streams:
             load = [sys.executable, "-m", "bench.streams", "--url", url, "--key", CLIENT_KEY]
             load += ["--streams", str(a.streams), "--chunks", str(chunks), "--timeout", str(a.duration + 60)]
             out = subprocess.run(load, capture_output=True, text=True, timeout=a.duration + 90, check=False)
