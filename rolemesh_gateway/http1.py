@@ -71,7 +71,10 @@ def _origin(scheme: str, netloc: str) -> tuple[str, int, bool, bytes]:
         port = int(p)
     else:
         host, port = netloc, 443 if tls else 80
-    return host, port, tls, netloc.encode("idna" if not netloc.isascii() else "ascii")
+    header = netloc
+    if not netloc.isascii():  # an internationalised name goes on the wire in its ASCII form
+        header = host.encode("idna").decode("ascii") + netloc[len(host) :]
+    return host, port, tls, header.encode("ascii")
 
 
 def split_url(url: str) -> tuple[tuple[str, str], str]:

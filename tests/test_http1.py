@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rolemesh_gateway.errors import UpstreamFailed, UpstreamTimeout
-from rolemesh_gateway.http1 import Client, UpstreamUnreachable, split_url
+from rolemesh_gateway.http1 import Client, UpstreamUnreachable, _origin, split_url
 from rolemesh_gateway.settings import Timeouts
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -351,6 +351,14 @@ def test_split_url() -> None:
     assert split_url("http://h") == (("http", "h"), "/")
     assert split_url("https://h?x") == (("https", "h"), "/?x")
     assert split_url("http://[::1]:8/v1") == (("http", "[::1]:8"), "/v1")
+
+
+def test_origin_host_and_host_header() -> None:
+    assert _origin("http", "münchen.de:8080") == ("münchen.de", 8080, False, b"xn--mnchen-3ya.de:8080")
+    assert _origin("https", "h") == ("h", 443, True, b"h")
+    assert _origin("http", "[::1]:9") == ("::1", 9, False, b"[::1]:9")
+    with pytest.raises(ValueError):
+        _origin("http", "h:notaport")
 
 
 # -- https --------------------------------------------------------------------------------
