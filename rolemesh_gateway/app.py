@@ -40,7 +40,7 @@ from .errors import (
     Unauthorized,
 )
 from .health import HealthMonitor
-from .protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
+from .protocol import NODE_KEY, HeartbeatRequest, RegisterRequest, RegisterResponse
 from .proxy import Forwarder, build_routes
 from .registry import NodeRegistry, RegistryFull, make_registry
 from .settings import Settings
@@ -182,7 +182,7 @@ class Gateway:
             return -1
         if not self._node_keys:
             raise Unauthorized("node registration is disabled: configure auth.node_api_keys")
-        presented = header(headers, b"x-rolemesh-node-key")
+        presented = header(headers, NODE_KEY)
         idx = _key_index(presented, self._node_keys)
         if idx < 0:
             raise Unauthorized("missing or invalid node key (X-RoleMesh-Node-Key)")

@@ -281,11 +281,6 @@ class Response:
         else:
             conn.abort()
 
-    def close(self) -> None:
-        """Close the connection whatever state the exchange is in."""
-        self.reuse = False
-        self.release()
-
 
 class _Conn(asyncio.Protocol):
     """One upstream connection; the parser feeds the current :class:`Response`."""

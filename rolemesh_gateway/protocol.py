@@ -16,6 +16,8 @@ from .settings import check_http_url
 
 #: Header that carries a node key (gateway <-> node, both directions).
 NODE_KEY_HEADER = "X-RoleMesh-Node-Key"
+#: The same, as it appears in ASGI scopes and on the wire (lower case, bytes).
+NODE_KEY = NODE_KEY_HEADER.lower().encode("ascii")
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")

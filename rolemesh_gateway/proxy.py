@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from .asgi import Headers, Send
 from .errors import GatewayError, NoUpstreamAvailable, QueueFull, QueueTimeout, UpstreamFailed
 from .health import HealthMonitor
-from .protocol import NODE_KEY_HEADER
+from .protocol import NODE_KEY
 from .registry import Node, NodeRegistry
 from .routing import Strategy, make_strategy
 from .settings import DiscoveredModel, ProxyModel, QueueSettings, Settings, Timeouts
 from .upstream import StreamBroken, UpstreamClient, UpstreamUnreachable, relay
 
 log = logging.getLogger("rolemesh.proxy")
-_NODE_KEY = NODE_KEY_HEADER.lower().encode("ascii")
 
 
 class WaitQueue:
@@ -261,7 +260,7 @@ class Forwarder:
             tried.append(node)
             node_headers = headers
             if 0 <= node.key_index < len(self.node_keys):
-                node_headers = [*headers, (_NODE_KEY, self.node_keys[node.key_index])]
+                node_headers = [*headers, (NODE_KEY, self.node_keys[node.key_index])]
             target = f"node {node.node_id} ({node.base_url})"
             node.inflight += 1
             try:

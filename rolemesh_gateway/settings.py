@@ -298,15 +298,21 @@ def _format_error(source: str, exc: ValidationError) -> str:
     )
 
 
+def expanded_mapping(data: Any, source: str, env: Mapping[str, str], hint: str) -> dict[str, Any]:
+    """A parsed config file's top level, checked to be a mapping, with ``${VAR}`` expanded."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must be a YAML mapping{hint}")
+    try:
+        expanded: dict[str, Any] = expand_env(data, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return expanded
+
+
 def parse_settings(data: Any, *, source: str = "config", env: Mapping[str, str] | None = None) -> Settings:
     """Validate an already-parsed YAML tree; apply env expansion and env overrides."""
     env = os.environ if env is None else env
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the file must be a YAML mapping with version: 1 at the top")
-    try:
-        data = expand_env(data, env)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    data = expanded_mapping(data, source, env, " with version: 1 at the top")
     stale = env.get(STALE_ENV)
     if stale is not None and stale != "":
         try:

@@ -13,9 +13,10 @@ import logging
 from .asgi import Headers, Send, sse_error_event
 from .errors import GatewayError
 from .http1 import Client, Response, UpstreamUnreachable
+from .protocol import NODE_KEY
 from .settings import Timeouts
 
-__all__ = ["UpstreamClient", "UpstreamUnreachable", "is_streamed", "relay", "upstream_headers"]
+__all__ = ["UpstreamClient", "UpstreamUnreachable", "relay", "upstream_headers"]
 
 log = logging.getLogger("rolemesh.upstream")
 
@@ -38,7 +39,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 #: Never forwarded upstream: the client's (or the gateway's) credentials.
-CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"x-rolemesh-node-key"})
+CREDENTIALS = frozenset({b"authorization", b"x-api-key", NODE_KEY})
 _DROP_REQUEST = HOP_BY_HOP | CREDENTIALS
 _DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
 
@@ -107,7 +108,7 @@ class UpstreamClient:
 BUFFER_MAX = 4 * 1024 * 1024
 
 
-def is_streamed(resp: Response) -> bool:
+def _is_streamed(resp: Response) -> bool:
     return (
         resp.content_type == "text/event-stream"
         or resp.content_length is None
@@ -125,7 +126,7 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
     """
     headers = response_headers(resp.headers)
     headers.extend(extra_headers)
-    if not is_streamed(resp):
+    if not _is_streamed(resp):
         body = await resp.read()
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})

@@ -38,54 +38,37 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class GatewayProcess:
-    """``uvicorn rolemesh_gateway.main:app`` exactly as the guide runs it, on a free port."""
+class ServiceProcess:
+    """One of our programs as a subprocess on a free port, its output in a log file."""
 
-    def __init__(
-        self,
-        config: dict[str, Any] | str,
-        tmp: Path,
-        env: dict[str, str] | None = None,
-        port: int | None = None,
-    ) -> None:
-        self.port = port or free_port()
-        self.config_path = tmp / f"gateway-{self.port}.yaml"
-        text = config if isinstance(config, str) else yaml.safe_dump(config)
-        self.config_path.write_text(text)
-        self.env = {**os.environ, "ROLE_MESH_CONFIG": str(self.config_path), **(env or {})}
-        self.log_path = tmp / f"gateway-{self.port}.log"
+    name = "service"
+    stop_grace_s = 10.0
+
+    def __init__(self, port: int, tmp: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.log_path = tmp / f"{self.name}-{port}.log"
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True) -> GatewayProcess:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _launch(self, argv: list[str], wait: bool) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "rolemesh_gateway.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait:
-            wait_until(self._up, 20, f"gateway on {self.url} (log: {self.log_path})")
-        return self
+            wait_until(self._up, 20, f"{self.name} on {self.url} (log: {self.log_path})")
 
     def _up(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {self.log_text()}")
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}: {self.log_text()}")
         return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
 
     def log_text(self) -> str:
@@ -95,11 +78,38 @@ class GatewayProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(self.stop_grace_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self.proc = None
+
+
+class GatewayProcess(ServiceProcess):
+    """``uvicorn rolemesh_gateway.main:app`` exactly as the guide runs it, on a free port."""
+
+    name = "gateway"
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        port = port or free_port()
+        self.config_path = tmp / f"gateway-{port}.yaml"
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.config_path.write_text(text)
+        super().__init__(port, tmp, {**os.environ, "ROLE_MESH_CONFIG": str(self.config_path), **(env or {})})
+
+    def start(self, wait: bool = True) -> GatewayProcess:
+        argv = [sys.executable, "-m", "uvicorn", "rolemesh_gateway.main:app"]
+        self._launch([*argv, "--host", "127.0.0.1", "--port", str(self.port)], wait)
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        self.proc = None  # a gateway may be started again on the same port
 
     def client(self, key: str | None = CLIENT_KEY) -> httpx.Client:
         headers = {"X-Api-Key": key} if key else {}

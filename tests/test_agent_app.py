@@ -259,20 +259,15 @@ def test_refuses_public_bind_without_node_key(tmp_path: Path) -> None:
     cfg.write_text(
         "node_id: n1\ngateway_url: http://10.0.0.1:8000\nroles: {p: {url: 'http://127.0.0.1:9'}}\n"
     )
-    out = subprocess.run(
-        [str(AGENT_BIN), "--config", str(cfg), "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def public_bind() -> subprocess.CompletedProcess[str]:
+        argv = [str(AGENT_BIN), "--config", str(cfg), "--host", "0.0.0.0", "--port", str(free_port())]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    out = public_bind()
     assert out.returncode == 2
     assert "advertise_url is required when host is 0.0.0.0" in out.stderr
     cfg.write_text(cfg.read_text() + "advertise_url: http://10.0.0.5:8091\n")
-    out = subprocess.run(
-        [str(AGENT_BIN), "--config", str(cfg), "--host", "0.0.0.0", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = public_bind()
     assert out.returncode == 2
     assert "refusing to listen on 0.0.0.0 without node_key" in out.stderr

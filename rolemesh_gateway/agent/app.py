@@ -39,6 +39,7 @@ from ..errors import (
     NoUpstreamAvailable,
     Unauthorized,
 )
+from ..protocol import NODE_KEY
 from ..tasks import TaskOwner
 from ..upstream import StreamBroken, UpstreamClient, relay, upstream_headers
 from .config import AgentConfig
@@ -122,7 +123,7 @@ class Agent:
     def _check_key(self, headers: Headers) -> None:
         if self._key is None:
             return
-        presented = header(headers, b"x-rolemesh-node-key")
+        presented = header(headers, NODE_KEY)
         if presented is None:
             auth = header(headers, b"authorization")
             if auth is not None and auth[:7].lower() == b"bearer ":

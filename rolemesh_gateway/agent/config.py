@@ -21,7 +21,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..protocol import NodeId, Role
-from ..settings import ConfigError, HttpUrl, PositiveSeconds, Timeouts, expand_env
+from ..settings import ConfigError, HttpUrl, PositiveSeconds, Timeouts, expanded_mapping
 
 #: Where to find ``llama-server`` when a role names no ``binary`` (shared with scripts/llama_server.sh).
 LLAMA_SERVER_ENV = "ROLE_MESH_LLAMA_SERVER"
@@ -199,12 +199,7 @@ def parse_config(
 ) -> AgentConfig:
     """Validate a parsed YAML tree (plus CLI ``overrides`` such as host/port)."""
     env = os.environ if env is None else env
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the file must be a YAML mapping (node_id, gateway_url, roles, ...)")
-    try:
-        data = expand_env(data, env)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    data = expanded_mapping(data, source, env, " (node_id, gateway_url, roles, ...)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         cfg = AgentConfig.model_validate(data)

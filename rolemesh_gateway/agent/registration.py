@@ -21,7 +21,7 @@ import orjson
 
 from .. import __version__
 from ..errors import GatewayError
-from ..protocol import NODE_KEY_HEADER, HeartbeatRequest, RegisterRequest, RegisterResponse
+from ..protocol import NODE_KEY, HeartbeatRequest, RegisterRequest, RegisterResponse
 from ..upstream import UpstreamClient
 from .config import AgentConfig
 from .supervisor import Supervisor
@@ -46,7 +46,7 @@ class Registrar:
         self._client = client
         self._supervisor = supervisor
         self._inflight = inflight
-        self._headers = [(NODE_KEY_HEADER.encode(), cfg.node_key.encode("latin-1"))] if cfg.node_key else []
+        self._headers = [(NODE_KEY, cfg.node_key.encode("latin-1"))] if cfg.node_key else []
         #: Roles the gateway currently has for this node; None when it has none.
         self.registered: tuple[str, ...] | None = None
         self.heartbeats = 0
