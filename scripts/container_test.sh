@@ -20,7 +20,11 @@
 #      container that registers with the gateway container and serves a role through it; when a
 #      llama-server binary and the tiny test model are already on this machine (scripts/
 #      llama_server.sh and the end-to-end tests leave them in $CACHE), also the documented
-#      mounted-llama-server setup: a real chat completion gateway -> agent -> llama-server.
+#      mounted-llama-server setup: a real chat completion gateway -> agent -> llama-server;
+#   6. the systemd units of deploy/, unchanged, under a real systemd (podman --systemd=always, a
+#      network namespace of its own): both start as the rolemesh user and serve (with the mounted
+#      llama-server too when there is one), the gateway is restarted after kill -9, and both
+#      stop cleanly (the agent deregisters).
 #   Containers, the fake upstream and temp files are removed on exit; the images stay (tags
 #   localhost/rolemesh-gateway:test, localhost/rolemesh-node-agent:test) so a second run reuses
 #   their layers.
@@ -70,6 +74,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+trap 'printf "[container_test] FAILED: line %s: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -510,5 +515,165 @@ if [[ $USE_LLAMA == 1 ]]; then
     answer="$(chat "$GW_PORT" tiny "")"
     log "  gateway -> agent -> mounted llama-server (tiny model): $(cut -c1-100 <<<"$answer")..."
 fi
+
+# ---------------------------------------------------------------------------------------------
+# 6. the systemd units, unchanged, under a real systemd: a container of the base image with
+#    systemd, the venv at /opt/rolemesh/venv and the rolemesh user as docs/deploy.md sets them
+#    up, in a network namespace of its own (so the units' fixed ports 8080/8091 clash with nothing)
+SD_IMAGE=localhost/rolemesh-systemd:test
+mkdir -p "$WORK/sd" "$WORK/sdconf"
+chmod 0755 "$WORK/sdconf"
+cp "$ROOT/deploy/rolemesh-gateway.service" "$ROOT/deploy/rolemesh-node-agent.service" "$WORK/sd/"
+{
+    echo "FROM $BASE_IMAGE"
+    echo 'RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd systemd-sysv libgomp1 && rm -rf /var/lib/apt/lists/*'
+    echo 'RUN useradd --system --home-dir /var/lib/rolemesh --shell /usr/sbin/nologin rolemesh'
+    echo "COPY --from=$AGENT_IMAGE /opt/rolemesh/venv /opt/rolemesh/venv"
+    echo 'COPY rolemesh-gateway.service rolemesh-node-agent.service /etc/systemd/system/'
+    echo 'STOPSIGNAL SIGRTMIN+3'
+    echo 'CMD ["/sbin/init"]'
+} >"$WORK/sd/Containerfile"
+log "systemd units: podman build $SD_IMAGE (base + systemd + the venv + deploy/*.service)"
+podman build --format docker --network host --layers --pull=never -t "$SD_IMAGE" "$WORK/sd" \
+    >"$WORK/build-systemd.log" 2>&1 || { tail -n 30 "$WORK/build-systemd.log" >&2; die "building $SD_IMAGE failed"; }
+
+SD_FAKE_PORT=18000
+printf '%s\n' \
+    'version: 1' \
+    'default_model: planner' \
+    'auth:' \
+    '  client_api_keys: ["${ROLE_MESH_CLIENT_KEY}"]' \
+    '  node_api_keys: ["${ROLE_MESH_NODE_KEY}"]' \
+    'models:' \
+    "  planner: {type: proxy, proxy_url: \"http://127.0.0.1:$SD_FAKE_PORT\"}" \
+    '  writer: {type: discovered, role: writer}' \
+    '  tiny: {type: discovered, role: tiny}' \
+    'probes: {interval_s: 1}' >"$WORK/sdconf/models.yaml"
+printf '%s\n' \
+    'version: 1' \
+    'node_id: systemd-test' \
+    'gateway_url: http://127.0.0.1:8080' \
+    'node_key: ${ROLE_MESH_NODE_KEY}' \
+    'host: 127.0.0.1' \
+    'port: 8091' \
+    'heartbeat_interval_s: 2' \
+    'roles:' \
+    '  writer:' \
+    "    url: http://127.0.0.1:$SD_FAKE_PORT" >"$WORK/sdconf/node-agent.yaml"
+if [[ $USE_LLAMA == 1 ]]; then
+    printf '%s\n' \
+        '  tiny:' \
+        '    llama_server:' \
+        '      model: /srv/models/tiny.gguf' \
+        '      args: ["-c", "512", "-n", "16", "-t", "1", "--chat-template", "chatml"]' \
+        >>"$WORK/sdconf/node-agent.yaml"
+fi
+cp "$WORK/conf/rolemesh.env" "$WORK/sdconf/rolemesh.env"   # 0600: read by systemd (root)
+chmod 0644 "$WORK/sdconf/models.yaml" "$WORK/sdconf/node-agent.yaml"
+cp "$WORK/fake_upstream.py" "$WORK/sd/fake_upstream.py"
+cat >"$WORK/sd/check.py" <<'PY'
+"""Inside the systemd container: wait for the gateway and the agent's roles, then chat."""
+import json, sys, time, urllib.request
+
+key, roles = sys.argv[1], sys.argv[2:]
+base = "http://127.0.0.1:8080"
+
+
+def get(path, auth=False):
+    req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"} if auth else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, json.loads(r.read())
+
+
+def wait(what, ok, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ok():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    sys.exit(f"timed out after {timeout}s waiting for {what}")
+
+
+wait("gateway /health", lambda: get("/health")[0] == 200, 40)
+for model in ["planner", *roles]:
+    wait(f"'{model}' in /v1/models", lambda: model in [m["id"] for m in get("/v1/models", True)[1]["data"]], 120)
+    body = json.dumps({"model": model, "max_tokens": 8,
+                       "messages": [{"role": "user", "content": "Say hi"}]}).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        answer = json.loads(r.read())
+    content = answer["choices"][0]["message"]["content"]
+    print(f"{model}: {content[:40]!r}")
+PY
+
+SD="rolemesh-ct-systemd-$$"
+SD_MOUNTS=(-v "$WORK/sdconf:/etc/rolemesh:ro" -v "$WORK/sd/fake_upstream.py:/usr/local/lib/fake_upstream.py:ro"
+    -v "$WORK/sd/check.py:/usr/local/lib/check.py:ro")
+if [[ $USE_LLAMA == 1 ]]; then
+    SD_MOUNTS+=(-v "$LLAMA_BIN:/opt/llama/bin/llama-server:ro" -v "$MODEL:/srv/models/tiny.gguf:ro")
+fi
+log "systemd container (own network namespace): systemctl start rolemesh-gateway rolemesh-node-agent"
+run_ctr "$SD" --systemd=always --network none "${SD_MOUNTS[@]}" "$SD_IMAGE"
+
+sd_journal() {
+    podman exec "$SD" journalctl --no-pager -o cat -n 30 -u rolemesh-gateway -u rolemesh-node-agent >&2 2>&1 || true
+}
+sd_show() { podman exec "$SD" systemctl show -p "$2" --value "$1"; }
+
+state="$(podman exec "$SD" systemctl is-system-running --wait 2>>"$PODMAN_LOG" || true)"
+[[ "$state" == running || "$state" == degraded ]] || die "systemd in $SD did not come up: '$state'"
+podman exec -d "$SD" python3 /usr/local/lib/fake_upstream.py "$SD_FAKE_PORT" >/dev/null 2>>"$PODMAN_LOG" \
+    || die "could not start the fake upstream in $SD"
+podman exec "$SD" systemctl start rolemesh-gateway rolemesh-node-agent \
+    || { sd_journal; die "systemctl start failed"; }
+roles=(writer)
+if [[ $USE_LLAMA == 1 ]]; then roles+=(tiny); fi
+out="$(podman exec "$SD" python3 /usr/local/lib/check.py "$CLIENT_KEY" "${roles[@]}" 2>&1)" \
+    || { echo "$out" >&2; sd_journal; die "the units' gateway/agent did not serve"; }
+log "  chat completions through the units: $(tr '\n' ' ' <<<"$out")"
+
+rolemesh_uid="$(podman exec "$SD" id -u rolemesh)"
+for unit in rolemesh-gateway rolemesh-node-agent; do
+    pid="$(sd_show "$unit" MainPID)"
+    [[ "$pid" =~ ^[0-9]+$ && "$pid" -gt 0 ]] || { sd_journal; die "$unit has no main process"; }
+    uid="$(podman exec "$SD" stat -c %u "/proc/$pid")"
+    [[ "$uid" -ne 0 && "$uid" == "$rolemesh_uid" ]] || die "$unit runs as uid $uid, not the rolemesh user"
+done
+log "  both units run as the rolemesh user (uid $rolemesh_uid)"
+
+pid="$(sd_show rolemesh-gateway MainPID)"
+podman exec "$SD" sh -c "kill -9 $pid"   # from outside systemd, like the OOM killer would
+deadline=$((SECONDS + 20))
+until [[ "$(sd_show rolemesh-gateway NRestarts)" -ge 1 && "$(sd_show rolemesh-gateway ActiveState)" == active &&
+        "$(sd_show rolemesh-gateway MainPID)" != "$pid" ]]; do
+    if ((SECONDS >= deadline)); then
+        sd_journal
+        die "rolemesh-gateway was not restarted after kill -9 (Restart=on-failure)"
+    fi
+    sleep 0.5
+done
+out="$(podman exec "$SD" python3 /usr/local/lib/check.py "$CLIENT_KEY" writer 2>&1)" \
+    || { echo "$out" >&2; sd_journal; die "the restarted gateway did not serve"; }
+log "  kill -9 of the gateway: restarted by systemd (Restart=on-failure), serving again"
+
+# One job: systemd orders the stops (the agent unit is After= the gateway's, so it stops first).
+podman exec "$SD" systemctl stop rolemesh-gateway rolemesh-node-agent || die "systemctl stop failed"
+for unit in rolemesh-gateway rolemesh-node-agent; do
+    active="$(sd_show "$unit" ActiveState)"
+    result="$(sd_show "$unit" Result)"
+    [[ "$active" == inactive && "$result" == success ]] \
+        || { sd_journal; die "$unit did not stop cleanly: $active/$result"; }
+done
+podman exec "$SD" journalctl --no-pager -o cat -u rolemesh-node-agent | grep -q "deregistered node systemd-test" \
+    || { sd_journal; die "the agent did not deregister on systemctl stop"; }
+if podman exec "$SD" journalctl --no-pager -o cat -u rolemesh-node-agent | grep -q "restarting in"; then
+    sd_journal
+    die "the agent restarted a llama-server while the unit was being stopped"
+fi
+log "  systemctl stop: agent first (deregistered), both inactive with result success"
 
 log "done in $((SECONDS - T0))s"
