@@ -5,7 +5,7 @@
 #   bash scripts/container_test.sh
 #
 # What it does:
-#   1. installs podman, runc, debootstrap and curl with apt-get when they are missing;
+#   1. installs podman, runc, debootstrap, curl and systemd (journalctl) with apt-get when missing;
 #   2. makes a minimal Debian base image (python3, python3-venv, python3-pip, ca-certificates)
 #      with debootstrap from the Debian mirror this machine's apt uses, cached as a tarball in
 #      $CACHE/container-base/ and as a local podman image (`podman image exists`), so only the
@@ -23,8 +23,9 @@
 #      mounted-llama-server setup: a real chat completion gateway -> agent -> llama-server;
 #   6. the systemd units of deploy/, unchanged, under a real systemd (podman --systemd=always, a
 #      network namespace of its own): both start as the rolemesh user and serve (with the mounted
-#      llama-server too when there is one), the gateway is restarted after kill -9, and both
-#      stop cleanly (the agent deregisters).
+#      llama-server too when there is one), the gateway is restarted after kill -9 and stops
+#      cleanly on systemctl stop, and at a system shutdown the agent stops first (deregisters)
+#      and both exit cleanly.
 #   Containers, the fake upstream and temp files are removed on exit; the images stay (tags
 #   localhost/rolemesh-gateway:test, localhost/rolemesh-node-agent:test) so a second run reuses
 #   their layers.
@@ -50,6 +51,7 @@ log() { printf '[container_test %4ds] %s\n' "$((SECONDS - T0))" "$*" >&2; }
 die() { printf '[container_test] FAILED: %s\n' "$*" >&2; exit 1; }
 
 WORK=""
+PODMAN_LOG=""
 FAKE_PID=""
 CONTAINERS=()
 cleanup() {
@@ -63,6 +65,10 @@ cleanup() {
         fi
         podman rm -f -t 2 "$c" >/dev/null 2>&1
     done
+    if [[ $rc -ne 0 && -s "${PODMAN_LOG:-}" ]]; then
+        echo "---- last lines of podman's own messages ----" >&2
+        tail -n 15 "$PODMAN_LOG" >&2
+    fi
     if [[ -n "$FAKE_PID" ]]; then
         kill "$FAKE_PID" 2>/dev/null
         wait "$FAKE_PID" 2>/dev/null
@@ -83,7 +89,7 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------------
 # 1. tools
 need=()
-for pair in podman:podman runc:runc debootstrap:debootstrap curl:curl; do
+for pair in podman:podman runc:runc debootstrap:debootstrap curl:curl journalctl:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [[ ${#need[@]} -gt 0 ]]; then
@@ -522,7 +528,6 @@ fi
 #    up, in a network namespace of its own (so the units' fixed ports 8080/8091 clash with nothing)
 SD_IMAGE=localhost/rolemesh-systemd:test
 mkdir -p "$WORK/sd" "$WORK/sdconf"
-chmod 0755 "$WORK/sdconf"
 cp "$ROOT/deploy/rolemesh-gateway.service" "$ROOT/deploy/rolemesh-node-agent.service" "$WORK/sd/"
 {
     echo "FROM $BASE_IMAGE"
@@ -568,8 +573,17 @@ if [[ $USE_LLAMA == 1 ]]; then
         '      args: ["-c", "512", "-n", "16", "-t", "1", "--chat-template", "chatml"]' \
         >>"$WORK/sdconf/node-agent.yaml"
 fi
-cp "$WORK/conf/rolemesh.env" "$WORK/sdconf/rolemesh.env"   # 0600: read by systemd (root)
-chmod 0644 "$WORK/sdconf/models.yaml" "$WORK/sdconf/node-agent.yaml"
+cp "$WORK/conf/rolemesh.env" "$WORK/sdconf/rolemesh.env"
+# /etc/rolemesh as docs/deploy.md installs it: 0750 root:rolemesh, configs 0640 root:rolemesh,
+# the env file 0600 root (read by systemd only). Rootful podman keeps ids, so the host-side
+# group is the image's rolemesh gid.
+sd_gid="$(podman run --rm --pull never --no-healthcheck "$SD_IMAGE" id -g rolemesh 2>>"$PODMAN_LOG")" \
+    || die "no rolemesh group in $SD_IMAGE"
+chown "0:$sd_gid" "$WORK/sdconf" "$WORK/sdconf/models.yaml" "$WORK/sdconf/node-agent.yaml"
+chmod 0750 "$WORK/sdconf"
+chmod 0640 "$WORK/sdconf/models.yaml" "$WORK/sdconf/node-agent.yaml"
+chown 0:0 "$WORK/sdconf/rolemesh.env"
+chmod 0600 "$WORK/sdconf/rolemesh.env"
 cp "$WORK/fake_upstream.py" "$WORK/sd/fake_upstream.py"
 cat >"$WORK/sd/check.py" <<'PY'
 """Inside the systemd container: wait for the gateway and the agent's roles, then chat."""
@@ -611,7 +625,8 @@ for model in ["planner", *roles]:
 PY
 
 SD="rolemesh-ct-systemd-$$"
-SD_MOUNTS=(-v "$WORK/sdconf:/etc/rolemesh:ro" -v "$WORK/sd/fake_upstream.py:/usr/local/lib/fake_upstream.py:ro"
+mkdir -p "$WORK/journal"
+SD_MOUNTS=(-v "$WORK/journal:/var/log/journal" -v "$WORK/sdconf:/etc/rolemesh:ro" -v "$WORK/sd/fake_upstream.py:/usr/local/lib/fake_upstream.py:ro"
     -v "$WORK/sd/check.py:/usr/local/lib/check.py:ro")
 if [[ $USE_LLAMA == 1 ]]; then
     SD_MOUNTS+=(-v "$LLAMA_BIN:/opt/llama/bin/llama-server:ro" -v "$MODEL:/srv/models/tiny.gguf:ro")
@@ -624,8 +639,13 @@ sd_journal() {
 }
 sd_show() { podman exec "$SD" systemctl show -p "$2" --value "$1"; }
 
-state="$(podman exec "$SD" systemctl is-system-running --wait 2>>"$PODMAN_LOG" || true)"
-[[ "$state" == running || "$state" == degraded ]] || die "systemd in $SD did not come up: '$state'"
+deadline=$((SECONDS + 60))
+state=""
+while [[ "$state" != running && "$state" != degraded ]]; do
+    ((SECONDS < deadline)) || die "systemd in $SD did not come up: '$state'"
+    state="$(podman exec "$SD" systemctl is-system-running --wait 2>>"$PODMAN_LOG" || true)"
+    [[ "$state" == running || "$state" == degraded ]] || sleep 1
+done
 podman exec -d "$SD" python3 /usr/local/lib/fake_upstream.py "$SD_FAKE_PORT" >/dev/null 2>>"$PODMAN_LOG" \
     || die "could not start the fake upstream in $SD"
 podman exec "$SD" systemctl start rolemesh-gateway rolemesh-node-agent \
@@ -660,20 +680,46 @@ out="$(podman exec "$SD" python3 /usr/local/lib/check.py "$CLIENT_KEY" writer 2>
     || { echo "$out" >&2; sd_journal; die "the restarted gateway did not serve"; }
 log "  kill -9 of the gateway: restarted by systemd (Restart=on-failure), serving again"
 
-# One job: systemd orders the stops (the agent unit is After= the gateway's, so it stops first).
-podman exec "$SD" systemctl stop rolemesh-gateway rolemesh-node-agent || die "systemctl stop failed"
-for unit in rolemesh-gateway rolemesh-node-agent; do
-    active="$(sd_show "$unit" ActiveState)"
-    result="$(sd_show "$unit" Result)"
-    [[ "$active" == inactive && "$result" == success ]] \
-        || { sd_journal; die "$unit did not stop cleanly: $active/$result"; }
-done
-podman exec "$SD" journalctl --no-pager -o cat -u rolemesh-node-agent | grep -q "deregistered node systemd-test" \
-    || { sd_journal; die "the agent did not deregister on systemctl stop"; }
-if podman exec "$SD" journalctl --no-pager -o cat -u rolemesh-node-agent | grep -q "restarting in"; then
-    sd_journal
-    die "the agent restarted a llama-server while the unit was being stopped"
+# `systemctl stop` of one unit: a clean stop (SIGTERM, exit 0), no restart.
+podman exec "$SD" systemctl stop rolemesh-gateway || die "systemctl stop rolemesh-gateway failed"
+active="$(sd_show rolemesh-gateway ActiveState)"
+result="$(sd_show rolemesh-gateway Result)"
+[[ "$active" == inactive && "$result" == success ]] \
+    || { sd_journal; die "rolemesh-gateway did not stop cleanly: $active/$result"; }
+podman exec "$SD" systemctl start rolemesh-gateway || { sd_journal; die "systemctl start rolemesh-gateway failed"; }
+out="$(podman exec "$SD" python3 /usr/local/lib/check.py "$CLIENT_KEY" writer 2>&1)" \
+    || { echo "$out" >&2; sd_journal; die "the gateway did not serve again after systemctl stop/start"; }
+log "  systemctl stop rolemesh-gateway: inactive, result success; started again, serving"
+
+# A system shutdown (podman stop sends systemd SIGRTMIN+3, i.e. halt) stops every unit in one
+# transaction: the agent (After= the gateway) must stop first, deregister, and both exit cleanly.
+# The container's journal is on the host ($WORK/journal), readable after the container is gone.
+podman exec "$SD" sh -c 'echo container-test-shutdown-marker | systemd-cat -t container-test' \
+    || die "could not write to the journal in $SD"
+podman stop -t 90 "$SD" >/dev/null 2>>"$PODMAN_LOG" || die "podman stop $SD failed"
+# the shutdown's part of the journal, after the marker
+journal="$(journalctl -D "$WORK/journal" --no-pager -o cat 2>/dev/null | sed -n '/^container-test-shutdown-marker$/,$p')"
+[[ -n "$journal" ]] || die "no journal of the shutdown in $WORK/journal"
+agent_stopped="$(grep -n -m1 '^Stopped rolemesh-node-agent.service' <<<"$journal" | cut -d: -f1)"
+gateway_stopping="$(grep -n '^Stopping rolemesh-gateway.service' <<<"$journal" | tail -n1 | cut -d: -f1)"
+if [[ -z "$agent_stopped" || -z "$gateway_stopping" ]] || ((agent_stopped > gateway_stopping)); then
+    tail -n 40 <<<"$journal" >&2
+    die "at shutdown the agent did not stop before the gateway (After=rolemesh-gateway.service)"
 fi
-log "  systemctl stop: agent first (deregistered), both inactive with result success"
+grep -q "deregistered node systemd-test" <<<"$journal" \
+    || { tail -n 40 <<<"$journal" >&2; die "the agent did not deregister at shutdown"; }
+for unit in rolemesh-gateway rolemesh-node-agent; do
+    [[ "$(grep -c "^$unit.service: Deactivated successfully" <<<"$journal")" -ge 1 ]] \
+        || { tail -n 40 <<<"$journal" >&2; die "$unit did not exit cleanly at shutdown"; }
+    if grep -q "^$unit.service: Failed with result" <<<"$journal"; then
+        tail -n 40 <<<"$journal" >&2
+        die "$unit failed at shutdown"
+    fi
+done
+if grep -q "restarting in" <<<"$journal"; then
+    tail -n 40 <<<"$journal" >&2
+    die "the agent restarted a llama-server while it was being stopped"
+fi
+log "  system shutdown: the agent stopped first and deregistered, both exited cleanly"
 
 log "done in $((SECONDS - T0))s"
