@@ -152,6 +152,9 @@ def test_units_keep_the_promised_settings(name: str) -> None:
     assert "--config /etc/rolemesh/" in start, start
     if name == "rolemesh-gateway.service":
         assert "--host 127.0.0.1" in start, "the gateway unit must bind loopback by default"
+    else:  # the agent stops its children itself, and before a gateway on the same host
+        assert d["KillMode"] == ["mixed"]
+        assert "rolemesh-gateway.service" in " ".join(d["After"]).split()
 
 
 @pytest.mark.timeout(900)
