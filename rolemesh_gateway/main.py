@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from .app import Gateway, create_app
-from .logs import setup_logging
-from .settings import ConfigError, load_settings
+from .common.errors import ConfigError
+from .common.logs import setup_logging
+from .gateway.app import Gateway, create_app
+from .gateway.settings import load_settings
 
 
 def _build() -> Gateway:

@@ -1,4 +1,4 @@
-"""The RoleMesh node agent: the second program, run on each backend host.
+"""The node agent program, run on each backend host (imports only :mod:`rolemesh_gateway.common`).
 
 It starts and supervises ``llama-server`` processes bound to 127.0.0.1 (or points at servers
 that already run), proxies ``/v1/*`` to them by role on its own port, and registers its roles

@@ -13,37 +13,36 @@ children, then closes the connection pool, each step bounded.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import orjson
 
-from ..asgi import (
+from ..common.asgi import (
+    Dispatcher,
     Headers,
     Receive,
     Scope,
     Send,
     cancel_on_disconnect,
-    header,
     lifespan,
     read_json_object,
     send_error,
     send_json,
+    target_of,
 )
-from ..errors import (
+from ..common.auth import KeyRing
+from ..common.errors import (
     BadRequest,
-    GatewayError,
-    MethodNotAllowed,
     ModelNotFound,
-    NotFound,
     NoUpstreamAvailable,
+    RoleMeshError,
     Unauthorized,
 )
-from ..protocol import NODE_KEY
-from ..tasks import TaskOwner
-from ..upstream import StreamBroken, UpstreamClient, relay, upstream_headers
+from ..common.http1 import Client
+from ..common.relay import pass_through, upstream_headers
+from ..common.tasks import TaskOwner
 from .config import AgentConfig
-from .registration import GatewayProblem, Registrar
+from .registration import Registrar
 from .supervisor import Supervisor
 
 log = logging.getLogger("rolemesh.agent")
@@ -52,53 +51,45 @@ log = logging.getLogger("rolemesh.agent")
 class Agent:
     """The node agent as an ASGI app. Build with :func:`create_app`."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, client: Client | None = None) -> None:
         self.cfg = cfg
-        self.client = UpstreamClient()
+        self.client = client or Client(keepalive_s=30.0)
+        self.inflight = 0
         self.supervisor = Supervisor(cfg, self.client)
         self.registrar = Registrar(cfg, self.client, self.supervisor, lambda: self.inflight)
-        self.inflight = 0
         self._tasks = TaskOwner()
-        self._key = cfg.node_key.encode() if cfg.node_key else None
+        self._keys = KeyRing([cfg.node_key] if cfg.node_key else [])
         self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
+        d = self._dispatch = Dispatcher()
+        d.add("GET", "/health", self._health)
+        d.add("GET", "/v1/models", self._models)
+        d.add_prefix("POST", "/v1/", self._proxy)
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             try:
-                await self._dispatch(scope, receive, send)
-            except GatewayError as exc:
+                if scope["path"] != "/health":  # everything else is for the gateway only
+                    self._check_key(scope["headers"])
+                await self._dispatch.find(scope["method"], scope["path"])(scope, receive, send)
+            except RoleMeshError as exc:
                 await send_error(send, exc)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if path == "/health":
-            if method != "GET":
-                raise MethodNotAllowed(f"/health accepts GET, not {method}")
-            await self._health(send)
-            return
-        self._check_key(scope["headers"])
-        if path == "/v1/models":
-            if method != "GET":
-                raise MethodNotAllowed(f"/v1/models accepts GET, not {method}")
-            await self._models(send)
-        elif path.startswith("/v1/"):
-            if method != "POST":
-                raise MethodNotAllowed(f"{path} accepts POST, not {method}")
-            await self._proxy(scope, receive, send)
-        else:
-            raise NotFound(f"no such endpoint: {method} {path}")
+    def _check_key(self, headers: Headers) -> None:
+        if self._keys and self._keys.check_node(headers, bearer_too=True) is None:
+            raise Unauthorized(
+                "missing or invalid node key: this agent serves only the gateway "
+                "(send X-RoleMesh-Node-Key: <node key>)"
+            )
 
     async def startup(self) -> None:
-        if self._key is None:
+        if not self._keys:
             log.warning(
                 "NO NODE KEY CONFIGURED: anyone who can reach this agent can use its models. "
                 "Set node_key (one of the gateway's auth.node_api_keys)."
             )
-        await self.client.start()
         self.supervisor.start()
         self._tasks.start("register-heartbeat", self.registrar.run())
         log.info(
@@ -114,31 +105,17 @@ class Agent:
         try:
             async with asyncio.timeout(self.cfg.gateway_timeout_s + 1):
                 await self.registrar.deregister()
-        except (TimeoutError, GatewayProblem) as exc:
+        except (TimeoutError, RoleMeshError) as exc:
             log.warning("could not deregister from the gateway (%s); it will mark this node stale", exc)
         await self.supervisor.stop()
         await self.client.close()
 
     # -- endpoints --------------------------------------------------------------------------
-    def _check_key(self, headers: Headers) -> None:
-        if self._key is None:
-            return
-        presented = header(headers, NODE_KEY)
-        if presented is None:
-            auth = header(headers, b"authorization")
-            if auth is not None and auth[:7].lower() == b"bearer ":
-                presented = auth[7:].strip()
-        if presented is None or not hmac.compare_digest(presented, self._key):
-            raise Unauthorized(
-                "missing or invalid node key: this agent serves only the gateway "
-                "(send X-RoleMesh-Node-Key: <node key>)"
-            )
-
-    async def _health(self, send: Send) -> None:
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         roles = {role: b.state for role, b in self.supervisor.backends.items()}
         await send_json(send, 200, {"status": "ok", "node_id": self.cfg.node_id, "roles": roles})
 
-    async def _models(self, send: Send) -> None:
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         data = [
             {"id": role, "object": "model", "created": 0, "owned_by": self.cfg.node_id}
             for role in self.supervisor.ready_roles()
@@ -148,7 +125,7 @@ class Agent:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
-        body, data = await read_json_object(receive, headers, self.cfg.proxy.max_body_bytes)
+        body, data = await read_json_object(receive, headers, self.cfg.limits.max_body_bytes)
         role = data.get("model")
         backends = self.supervisor.backends
         if role is None and len(backends) == 1:
@@ -168,33 +145,21 @@ class Agent:
             data["model"] = self._rewrite[role]
             body = orjson.dumps(data)
         target = f"role {role} ({backend.url})"
-        path = scope["path"]
-        if scope.get("query_string"):
-            path = f"{path}?{scope['query_string'].decode('latin-1')}"
+        url = backend.url + target_of(scope)
         out = upstream_headers(headers, [])
         self.inflight += 1
         try:
-            await cancel_on_disconnect(
-                receive, self._forward(scope["method"], backend.url + path, out, body, send, target)
-            )
-        finally:
-            self.inflight -= 1
-
-    async def _forward(
-        self, method: str, url: str, headers: Headers, body: bytes, send: Send, target: str
-    ) -> None:
-        resp = await self.client.open(method, url, headers, body, self.cfg.proxy.timeouts, target)
-        try:
-            await relay(resp, send, [], target)
-        except StreamBroken:
-            pass  # the caller got an SSE error event; relay logged it
-        finally:
             # Kept alive when the backend allows it. llama-server closes its end after a
             # streamed answer; the client then drops that connection from its pool (or, if the
             # next request races the close, sends it again on a fresh one).
-            resp.release()
+            work = pass_through(
+                self.client, scope["method"], url, out, body, self.cfg.timeouts, send, [], target
+            )
+            await cancel_on_disconnect(receive, work)
+        finally:
+            self.inflight -= 1
 
 
-def create_app(cfg: AgentConfig) -> Agent:
+def create_app(cfg: AgentConfig, client: Client | None = None) -> Agent:
     """Build the node agent ASGI app from a validated config."""
-    return Agent(cfg)
+    return Agent(cfg, client)

@@ -1,6 +1,6 @@
-"""``rolemesh-node-agent``: run the node agent, or validate its config file.
+"""``rolemesh-node-agent``: run the node agent (the default), or validate its config file.
 
-``main()`` parses arguments; ``serve()`` / ``validate()`` do the work. uvicorn handles SIGTERM
+``main()`` only parses; :func:`serve` and :func:`validate` do the work. uvicorn handles SIGTERM
 and SIGINT: it stops listening, gives requests in flight ``--graceful-timeout`` seconds, then
 runs the agent's shutdown (deregister, stop children, close the pool), each step bounded.
 A second Ctrl-C exits at once; the children still die with the agent (parent-death signal).
@@ -8,48 +8,66 @@ A second Ctrl-C exits at once; the children still die with the agent (parent-dea
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .. import __version__
-from ..logs import setup_logging
-from ..settings import INSECURE_ENV, ConfigError, insecure_bind_allowed, is_loopback
-from .config import DEFAULT_HOST, DEFAULT_PORT, AgentConfig, load_config
+import click
+
+from ..common.cli import STARTUP_FAILURE, bind_guard, fail, merged, run_cli, run_server, serve_options
+from ..common.errors import ConfigError
+from ..common.logs import setup_logging
+from ..common.version import __version__
+from .config import AGENT_CONFIG_ENV, AgentConfig, load_config
+
+PROGRAM = "rolemesh-node-agent"
+#: Shorter than the gateway's: the agent's own shutdown (deregister, stop children) follows.
+DEFAULT_GRACEFUL_S = 10
+
+_config_option = click.option(
+    "--config",
+    "config",
+    envvar=AGENT_CONFIG_ENV,
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The agent's YAML config file (required).",
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rolemesh-node-agent",
-        description="Run llama-server processes for a RoleMesh gateway and serve them by role.",
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command")
-    s = sub.add_parser("serve", help="run the agent (the default command)")
-    _serve_args(s)
-    v = sub.add_parser("validate", help="check a config file and explain what is wrong")
-    v.add_argument("config", help="agent config file (YAML)")
-    _serve_args(p)
-    return p
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", prog_name=PROGRAM, message="%(prog)s %(version)s")
+@_config_option
+@serve_options("ROLE_MESH_AGENT", None, DEFAULT_GRACEFUL_S)
+@click.pass_context
+def cli(ctx: click.Context, /, **options: Any) -> None:
+    """Run llama-server processes for a RoleMesh gateway and serve them by role.
+
+    Without a command it serves (the same as 'serve').
+    """
+    if ctx.invoked_subcommand is None:
+        sys.exit(serve(**options))
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="agent config file (YAML)")
-    p.add_argument("--host", default=None, help=f"bind address (overrides host:, default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=None, help=f"port (overrides port:, default {DEFAULT_PORT})")
-    p.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
-    p.add_argument(
-        "--graceful-timeout",
-        type=int,
-        default=10,
-        help="seconds requests in flight may take to finish on shutdown (default 10)",
-    )
-    p.add_argument(
-        "--allow-insecure-bind",
-        action="store_true",
-        default=None,
-        help=f"bind a non-loopback address without a node_key (or {INSECURE_ENV}=1)",
-    )
+@cli.command("serve")
+@_config_option
+@serve_options("ROLE_MESH_AGENT", None, DEFAULT_GRACEFUL_S)
+@click.pass_context
+def serve_command(ctx: click.Context, /, **options: Any) -> None:
+    """Run the agent (the default command)."""
+    sys.exit(serve(**merged(ctx, options)))
+
+
+@cli.command("validate")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.pass_context
+def validate_command(ctx: click.Context, file: str | None) -> None:
+    """Check a config file (FILE, else --config, else $ROLE_MESH_AGENT_CONFIG) and explain what is wrong."""
+    parent = ctx.parent.params if ctx.parent is not None else {}
+    sys.exit(validate(file or parent.get("config")))
 
 
 def _summary(path: str, cfg: AgentConfig) -> str:
@@ -64,81 +82,65 @@ def _summary(path: str, cfg: AgentConfig) -> str:
                 f"  {role}: llama-server {spec.binary} -m {spec.model} {' '.join(spec.args)}".rstrip()
             )
         else:
-            lines.append(f"  {role}: url {rc.url}")
+            lines.append(f"  {role}: proxy_url {rc.proxy_url}")
     if cfg.node_key is None:
         lines.append("  warning: no node_key: anyone who can reach the agent can use its models")
     return "\n".join(lines)
 
 
-def validate(path: str) -> int:
+def _require(path: str | None) -> str:
+    if not path:
+        fail(PROGRAM, f"no config file: pass --config agent.yaml (or set {AGENT_CONFIG_ENV})")
+    assert path is not None
+    return path
+
+
+def validate(path: str | None) -> int:
+    """Print a summary of a good config (exit 0), or the one line that says what is wrong (2)."""
+    path = _require(path)
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        print(f"rolemesh-node-agent: config error: {exc}", file=sys.stderr)
-        return 2
-    print(_summary(path, cfg))
+        click.echo(f"{PROGRAM}: config error: {exc}", err=True)
+        return STARTUP_FAILURE
+    click.echo(_summary(path, cfg))
     return 0
 
 
 def serve(
-    path: str,
-    host: str | None,
-    port: int | None,
-    allow_insecure: bool,
-    log_level: str | None,
-    graceful_timeout: int,
+    config: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log_level: str | None = None,
+    graceful_timeout: int | None = None,
+    access_log: bool | None = None,
+    allow_insecure_bind: bool | None = None,
 ) -> int:
-    """Validate, check the bind address is safe, bind, then run uvicorn with the agent app."""
+    """Validate, check the bind address is safe, bind, then run the agent until stopped."""
     setup_logging(log_level)
+    path = _require(config)
     try:
         cfg = load_config(path, overrides={"host": host, "port": port})
     except ConfigError as exc:
-        print(f"rolemesh-node-agent: config error: {exc}", file=sys.stderr)
-        return 2
-    if not is_loopback(cfg.host) and cfg.node_key is None and not allow_insecure:
-        print(
-            f"rolemesh-node-agent: refusing to listen on {cfg.host} without node_key: anyone on the "
-            "network could use this node's models. Set node_key, bind 127.0.0.1, or pass "
-            f"--allow-insecure-bind ({INSECURE_ENV}=1) if you really mean it.",
-            file=sys.stderr,
-        )
-        return 2
-    import uvicorn
+        fail(PROGRAM, f"config error: {exc}")
+    bind_guard(PROGRAM, cfg.host, cfg.node_key is not None, "node_key", allow_insecure_bind)
 
     from .app import create_app
 
-    config = uvicorn.Config(
+    return run_server(
+        PROGRAM,
         create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        loop="auto",
-        http="auto",
-        log_level=(log_level or "info").lower(),
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        lifespan="on",
-        timeout_graceful_shutdown=graceful_timeout,
+        cfg.host,
+        cfg.port,
+        log_level,
+        DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
+        bool(access_log),
     )
-    server = uvicorn.Server(config)
-    # Bind before the lifespan starts any llama-server: a busy port fails fast and clean.
-    sock = config.bind_socket()
-    # uvicorn marks it inheritable (for its worker processes); llama-server children must not
-    # hold the agent's port open.
-    sock.set_inheritable(False)
-    server.run(sockets=[sock])
-    return 0 if server.started else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "validate":
-        return validate(args.config)
-    if not args.config:
-        print("rolemesh-node-agent: --config agent.yaml is required", file=sys.stderr)
-        return 2
-    allow = insecure_bind_allowed(args.allow_insecure_bind)
-    return serve(args.config, args.host, args.port, allow, args.log_level, args.graceful_timeout)
+    """Entry point of ``rolemesh-node-agent``; returns the exit status."""
+    return run_cli(cli, argv, PROGRAM)
 
 
 if __name__ == "__main__":

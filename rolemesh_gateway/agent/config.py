@@ -4,9 +4,13 @@ Like the gateway's settings, every problem becomes one :class:`ConfigError` line
 path, the bad value and what is allowed; ``${VAR}`` / ``${VAR:-default}`` are expanded from the
 environment (so ``node_key: ${ROLE_MESH_NODE_KEY}`` keeps the secret out of the file).
 ``--host`` / ``--port`` on the command line override the keys of the same name before
-validation, so the result is final. Model paths that are relative are taken relative to the
-config file; a model that does not exist or a ``llama-server`` that cannot be found is a config
-error too, reported before anything starts.
+validation, so the result is final. A knob the gateway has too has the gateway's name:
+``limits.max_body_bytes``, ``timeouts.*``, ``probes.interval_s`` / ``probes.timeout_s``,
+``proxy_url`` and ``health_path`` (``url`` is still accepted for ``proxy_url``).
+
+Model paths that are relative are taken relative to the config file; a model that does not
+exist or a ``llama-server`` that cannot be found is a config error too, reported before
+anything starts.
 """
 
 from __future__ import annotations
@@ -17,12 +21,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, AliasChoices, Field, model_validator
 
-from ..protocol import NodeId, Role
-from ..settings import ConfigError, HttpUrl, PositiveSeconds, Timeouts, expanded_mapping
+from ..common.config import (
+    Closed,
+    HttpUrl,
+    Key,
+    Limits,
+    PositiveSeconds,
+    Probes,
+    Timeouts,
+    expanded_mapping,
+    load_yaml,
+    validate,
+)
+from ..common.errors import ConfigError
+from ..common.protocol import NodeId, Role
 
+#: Environment variable naming the agent's config file (``--config``).
+AGENT_CONFIG_ENV = "ROLE_MESH_AGENT_CONFIG"
 #: Where to find ``llama-server`` when a role names no ``binary`` (shared with scripts/llama_server.sh).
 LLAMA_SERVER_ENV = "ROLE_MESH_LLAMA_SERVER"
 DEFAULT_HOST = "127.0.0.1"
@@ -42,11 +59,7 @@ def _check_args(args: tuple[str, ...]) -> tuple[str, ...]:
     return args
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LlamaServerSpec(_Strict):
+class LlamaServerSpec(Closed):
     """A ``llama-server`` the agent starts and supervises for one role."""
 
     model: Annotated[str, Field(min_length=1)]
@@ -54,49 +67,42 @@ class LlamaServerSpec(_Strict):
     binary: Annotated[str, Field(min_length=1)] | None = None
 
 
-class RoleConfig(_Strict):
+class RoleConfig(Closed):
     """One role: either ``llama_server`` (started by the agent) or ``url`` (already running)."""
 
     llama_server: LlamaServerSpec | None = None
-    url: HttpUrl | None = None
-    #: Rewrite the request's ``model`` to this for a ``url`` server that checks it (vLLM).
+    proxy_url: HttpUrl | None = Field(default=None, validation_alias=AliasChoices("proxy_url", "url"))
+    #: Rewrite the request's ``model`` to this for a ``proxy_url`` server that checks it (vLLM).
     upstream_model: str | None = None
     health_path: str = "/health"
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RoleConfig:
-        if (self.llama_server is None) == (self.url is None):
-            raise ValueError("give exactly one of 'llama_server' (the agent starts it) or 'url'")
-        if self.upstream_model is not None and self.url is None:
-            raise ValueError("'upstream_model' applies only to a 'url' role")
+        if (self.llama_server is None) == (self.proxy_url is None):
+            raise ValueError("give exactly one of 'llama_server' (the agent starts it) or 'proxy_url'")
+        if self.upstream_model is not None and self.proxy_url is None:
+            raise ValueError("'upstream_model' applies only to a 'proxy_url' role")
         return self
 
 
-class SupervisorSettings(_Strict):
+class SupervisorSettings(Closed):
     """How ``llama-server`` children are started, watched, restarted and stopped."""
 
     load_timeout_s: PositiveSeconds = 600.0
-    health_interval_s: PositiveSeconds = 5.0
-    health_timeout_s: PositiveSeconds = 5.0
-    #: Consecutive failed health checks of a running server before it is restarted.
-    unhealthy_after: Annotated[int, Field(ge=1)] = 3
+    #: Consecutive failed probes of a running server before it is restarted.
+    restart_after_failures: Annotated[int, Field(ge=1)] = 3
     stop_grace_s: PositiveSeconds = 10.0
     backoff_initial_s: PositiveSeconds = 1.0
     backoff_max_s: PositiveSeconds = 60.0
 
 
-class ProxySettings(_Strict):
-    max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
-    timeouts: Timeouts = Timeouts()
-
-
-class AgentConfig(_Strict):
+class AgentConfig(Closed):
     """The whole node agent configuration."""
 
     version: Literal[1] = 1
     node_id: NodeId
     gateway_url: HttpUrl
-    node_key: Annotated[str, Field(min_length=1)] | None = None
+    node_key: Key | None = None
     host: Annotated[str, Field(min_length=1)] = DEFAULT_HOST
     port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_PORT
     advertise_url: HttpUrl | None = None
@@ -104,7 +110,9 @@ class AgentConfig(_Strict):
     gateway_timeout_s: PositiveSeconds = 5.0
     roles: Annotated[dict[Role, RoleConfig], Field(min_length=1, max_length=32)]
     supervisor: SupervisorSettings = SupervisorSettings()
-    proxy: ProxySettings = ProxySettings()
+    probes: Probes = Probes(interval_s=5.0, timeout_s=5.0)
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
 
     @model_validator(mode="after")
     def _advertise(self) -> AgentConfig:
@@ -155,40 +163,6 @@ def _preflight(cfg: AgentConfig, base: Path, env: Mapping[str, str]) -> AgentCon
     return cfg.model_copy(update={"roles": roles})
 
 
-def _format_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    path = ".".join(str(p) for p in err["loc"]).replace(".[key]", "")
-    kind, value = err["type"], err.get("input")
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if not path:  # a check across keys: its message names them
-        return msg
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key{_allowed_hint(err['loc'])}"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    if isinstance(value, dict | list | tuple) or value is None:
-        return f"{path}: {msg}"
-    return f"{path}: got {value!r}; {msg}"
-
-
-def _allowed_hint(loc: tuple[int | str, ...]) -> str:
-    model: Any = AgentConfig
-    for part in loc[:-1]:
-        if model is AgentConfig and part == "roles":
-            model = None  # next part is the role name
-            continue
-        if model is None:
-            model = RoleConfig
-            continue
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        options = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
-        model = next((a for a in options if issubclass(a, BaseModel)), None)
-        if model is None:
-            return ""
-    return f"; allowed here: {', '.join(model.model_fields)}" if model is not None else ""
-
-
 def parse_config(
     data: Any,
     *,
@@ -201,11 +175,9 @@ def parse_config(
     env = os.environ if env is None else env
     data = expanded_mapping(data, source, env, " (node_id, gateway_url, roles, ...)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = validate(AgentConfig, data, source)
     try:
-        cfg = AgentConfig.model_validate(data)
         return _preflight(cfg, base or Path.cwd(), env)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_error(exc)}") from None
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
@@ -217,12 +189,4 @@ def load_config(
 ) -> AgentConfig:
     """Read and validate the agent's YAML file."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config file ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_config(data, source=str(p), base=p.parent.resolve(), env=env, overrides=overrides)
+    return parse_config(load_yaml(p), source=str(p), base=p.parent.resolve(), env=env, overrides=overrides)

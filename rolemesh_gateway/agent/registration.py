@@ -19,10 +19,11 @@ from typing import Any
 
 import orjson
 
-from .. import __version__
-from ..errors import GatewayError
-from ..protocol import NODE_KEY, HeartbeatRequest, RegisterRequest, RegisterResponse
-from ..upstream import UpstreamClient
+from ..common.backoff import Backoff
+from ..common.errors import Refused, RoleMeshError
+from ..common.http1 import Client
+from ..common.protocol import NODE_KEY, HeartbeatRequest, RegisterRequest, RegisterResponse
+from ..common.version import __version__
 from .config import AgentConfig
 from .supervisor import Supervisor
 
@@ -32,56 +33,46 @@ _FIRST_RETRY_S = 0.5
 _SLOTS_TIMEOUT_S = 1.0
 
 
-class GatewayProblem(Exception):
-    """The gateway could not be reached or refused a call; retried with back-off."""
-
-
 class Registrar:
     """Owns this node's standing at the gateway."""
 
     def __init__(
-        self, cfg: AgentConfig, client: UpstreamClient, supervisor: Supervisor, inflight: Callable[[], int]
+        self, cfg: AgentConfig, client: Client, supervisor: Supervisor, inflight: Callable[[], int]
     ) -> None:
         self.cfg = cfg
         self._client = client
         self._supervisor = supervisor
         self._inflight = inflight
-        self._headers = [(NODE_KEY, cfg.node_key.encode("latin-1"))] if cfg.node_key else []
+        self._headers = [(NODE_KEY, cfg.node_key.encode("ascii"))] if cfg.node_key else []
+        self._target = f"gateway {cfg.gateway_url}"
         #: Roles the gateway currently has for this node; None when it has none.
         self.registered: tuple[str, ...] | None = None
-        self.heartbeats = 0
         self._problem: str | None = None
+        #: Retry delays while the gateway is unreachable or refuses: capped at the interval.
+        self.backoff = Backoff(_FIRST_RETRY_S, cfg.heartbeat_interval_s)
 
     # -- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
         interval = self.cfg.heartbeat_interval_s
-        backoff = _FIRST_RETRY_S
-        changed = self._supervisor.changed
         while True:
             try:
                 await self.tick()
-            except GatewayProblem as exc:
-                if str(exc) != self._problem:
-                    log.warning("%s; retrying (at least every %gs)", exc, interval)
-                self._problem = str(exc)
-                delay = min(backoff, interval)
-                backoff *= 2
+            except RoleMeshError as exc:
+                if exc.message != self._problem:
+                    log.warning("%s; retrying (at least every %gs)", exc.message, interval)
+                self._problem = exc.message
+                delay = self.backoff.next()
             else:
                 if self._problem is not None:
                     log.info("gateway %s is reachable again", self.cfg.gateway_url)
                 self._problem = None
-                backoff = _FIRST_RETRY_S
+                self.backoff.reset()
                 delay = interval
             # Wake early when a role becomes ready or goes down: the gateway should know now.
-            try:
-                async with asyncio.timeout(delay):
-                    await changed.wait()
-            except TimeoutError:
-                pass
+            await self._supervisor.wait_for_change(delay)
 
     async def tick(self) -> None:
         """One step: (re-)register if the ready roles changed, else heartbeat."""
-        self._supervisor.changed.clear()
         roles = tuple(self._supervisor.ready_roles())
         if roles != self.registered:
             if roles:
@@ -100,9 +91,7 @@ class Registrar:
             self.registered = None
             await self.register(roles)
         elif status != 200:
-            raise GatewayProblem(_refusal("heartbeat", status, body))
-        else:
-            self.heartbeats += 1
+            raise Refused(_refusal("heartbeat", status, body))
 
     async def register(self, roles: tuple[str, ...]) -> None:
         load = await self.load()
@@ -115,7 +104,7 @@ class Registrar:
         )
         status, body = await self._call("POST", "/v1/nodes/register", req.model_dump(exclude_none=True))
         if status not in (200, 201):
-            raise GatewayProblem(_refusal("registration", status, body))
+            raise Refused(_refusal("registration", status, body))
         self.registered = roles
         log.info(
             "registered node %s at %s as %s with roles %s",
@@ -143,7 +132,7 @@ class Registrar:
             return
         status, body = await self._call("DELETE", f"/v1/nodes/{self.cfg.node_id}", None)
         if status not in (200, 404):
-            raise GatewayProblem(_refusal("deregistration", status, body))
+            raise Refused(_refusal("deregistration", status, body))
         self.registered = None
         log.info("deregistered node %s from %s", self.cfg.node_id, self.cfg.gateway_url)
 
@@ -151,7 +140,7 @@ class Registrar:
     async def load(self) -> dict[str, int]:
         """In-flight requests, plus slot use summed over the llama-servers that report it."""
         out = {"inflight": self._inflight()}
-        urls = [b.url for b in self._supervisor.backends.values() if b.ready and b.url]
+        urls = self._supervisor.slot_urls()
         counts = await asyncio.gather(*(self._slots(url) for url in urls))
         known = [c for c in counts if c is not None]
         if known:
@@ -162,9 +151,9 @@ class Registrar:
     async def _slots(self, url: str) -> tuple[int, int] | None:
         """``(total, busy)`` from llama-server's ``/slots``; None where it is not offered."""
         try:
-            status, raw = await self._client.fetch("GET", f"{url}/slots", _SLOTS_TIMEOUT_S)
+            status, raw = await self._client.request("GET", url, (), b"", _SLOTS_TIMEOUT_S, url)
             slots = orjson.loads(raw) if status == 200 else None
-        except (GatewayError, orjson.JSONDecodeError):
+        except (RoleMeshError, orjson.JSONDecodeError):
             return None
         if not isinstance(slots, list):
             return None
@@ -181,13 +170,9 @@ class Registrar:
             headers.append((b"content-type", b"application/json"))
             body = orjson.dumps(payload)
         url = f"{self.cfg.gateway_url}{path}"
-        target = f"gateway {self.cfg.gateway_url}"
-        try:
-            status, raw = await self._client.fetch(
-                method, url, self.cfg.gateway_timeout_s, headers, body, target
-            )
-        except GatewayError as err:
-            raise GatewayProblem(err.message.replace("upstream ", "", 1)) from err
+        status, raw = await self._client.request(
+            method, url, headers, body, self.cfg.gateway_timeout_s, self._target
+        )
         try:
             return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:

@@ -10,7 +10,11 @@ No orphans: each child runs in its own process group (so a terminal's Ctrl-C rea
 agent, which stops children in order) and asks the kernel for SIGKILL when its parent dies
 (``PR_SET_PDEATHSIG``), which covers an agent killed with SIGKILL.
 
-A ``url`` role gets an :class:`ExternalServer`, which only probes the health path.
+A ``proxy_url`` role gets an :class:`ExternalServer`, which only probes the health path.
+
+Backend states (:data:`BackendState`): ``starting`` -> ``loading`` -> ``ready``; then
+``restarting`` after a crash or failed probes (back to ``loading``), ``stopping`` / ``exited``
+at shutdown. An external server is ``ready``, ``unreachable`` or ``not ready``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Literal
 
-from ..errors import GatewayError
-from ..tasks import TaskOwner
-from ..upstream import UpstreamClient
+from ..common.backoff import Backoff
+from ..common.config import Probes
+from ..common.http1 import Client
+from ..common.probe import probe
+from ..common.tasks import TaskOwner
 from .config import AgentConfig, LlamaServerSpec, RoleConfig, SupervisorSettings
+
+BackendState = Literal[
+    "starting", "loading", "ready", "restarting", "stopping", "exited", "unreachable", "not ready"
+]
 
 log = logging.getLogger("rolemesh.agent.supervisor")
 
@@ -51,7 +62,12 @@ def free_port() -> int:
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec: SIGKILL me when the agent dies."""
+    """Runs in the child between fork and exec: SIGKILL me when the agent dies.
+
+    ``preexec_fn`` is documented as unsafe when the parent has threads (a lock held by another
+    thread at fork stays held in the child). This function takes no lock: one ``prctl`` call
+    through ctypes and ``os.getppid``, both plain system calls.
+    """
 
     def setup() -> None:
         if _LIBC is not None:
@@ -69,11 +85,11 @@ class Backend(abc.ABC):
         self.role = role
         self.url = url
         self.ready = False
-        self.state = "starting"
+        self.state: BackendState = "starting"
         self.detail = ""
         self._on_change = on_change
 
-    def _set(self, ready: bool, state: str, detail: str = "") -> None:
+    def _set(self, ready: bool, state: BackendState, detail: str = "") -> None:
         changed = ready != self.ready
         self.ready, self.state, self.detail = ready, state, detail
         if changed:
@@ -97,28 +113,24 @@ class ExternalServer(Backend):
         self,
         role: str,
         rc: RoleConfig,
-        s: SupervisorSettings,
-        client: UpstreamClient,
+        probes: Probes,
+        client: Client,
         on_change: Callable[[], None],
     ) -> None:
-        super().__init__(role, rc.url, on_change)
-        self._health_url = f"{rc.url}{rc.health_path}"
-        self._s = s
+        super().__init__(role, rc.proxy_url, on_change)
+        self._health_url = f"{rc.proxy_url}{rc.health_path}"
+        self._probes = probes
         self._client = client
 
     async def run(self) -> None:
         while True:
-            try:
-                status = await self._client.get(self._health_url, self._s.health_timeout_s)
-            except GatewayError as exc:
-                self._set(False, "unreachable", exc.message)
+            # The gateway's rule for servers it did not start: below 500 is up, 503 is loading.
+            result = await probe(self._client, self._health_url, self._probes.timeout_s)
+            if result.up:
+                self._set(True, "ready")
             else:
-                # Like the gateway: any answer below 500 means up; 503 means still loading.
-                if status < 500:
-                    self._set(True, "ready")
-                else:
-                    self._set(False, "not ready", f"{self._health_url} answered HTTP {status}")
-            await asyncio.sleep(self._s.health_interval_s)
+                self._set(False, "unreachable" if result.status is None else "not ready", result.reason)
+            await asyncio.sleep(self._probes.interval_s)
 
 
 class ManagedServer(Backend):
@@ -129,12 +141,14 @@ class ManagedServer(Backend):
         role: str,
         spec: LlamaServerSpec,
         s: SupervisorSettings,
-        client: UpstreamClient,
+        probes: Probes,
+        client: Client,
         on_change: Callable[[], None],
     ) -> None:
         super().__init__(role, None, on_change)
         self.spec = spec
         self._s = s
+        self._probes = probes
         self._client = client
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -145,34 +159,30 @@ class ManagedServer(Backend):
         return {**super().describe(), "kind": "llama_server", "pid": pid, "restarts": self.restarts}
 
     async def run(self) -> None:
-        backoff = self._s.backoff_initial_s
+        backoff = Backoff(self._s.backoff_initial_s, self._s.backoff_max_s)
         while True:
             started = time.monotonic()
             reason = await self._run_once()
             if time.monotonic() - started >= _STABLE_AFTER_S:
-                backoff = self._s.backoff_initial_s
+                backoff.reset()
+            delay = backoff.next()
             self.restarts += 1
             tail = " | ".join(list(self.tail)[-5:])
             log.warning(
                 "role %s: llama-server %s; restarting in %.1fs (restart #%d)%s",
                 self.role,
                 reason,
-                backoff,
+                delay,
                 self.restarts,
                 f"; last output: {tail}" if tail else "",
             )
-            self._set(False, "restarting", f"{reason}; restarting in {backoff:.1f}s")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._s.backoff_max_s)
+            self._set(False, "restarting", f"{reason}; restarting in {delay:.1f}s")
+            await asyncio.sleep(delay)
 
     async def _run_once(self) -> str:
         """Start one child and supervise it until it is gone; returns why it ended."""
         port = free_port()
-        assert self.spec.binary is not None  # resolved by the config preflight
-        argv = [self.spec.binary, "-m", self.spec.model, "--host", "127.0.0.1", "--port", str(port)]
-        if not any(a.split("=", 1)[0] in ("-a", "--alias") for a in self.spec.args):
-            argv += ["--alias", self.role]  # answers name the role, not the model file's path
-        argv += self.spec.args
+        argv = llama_argv(self.spec, self.role, port)
         log.info("role %s: starting %s", self.role, " ".join(argv))
         self.tail.clear()
         self._set(False, "loading", f"starting llama-server on 127.0.0.1:{port}")
@@ -189,8 +199,9 @@ class ManagedServer(Backend):
             return f"could not be started ({exc})"
         self.proc = proc
         self.url = f"http://127.0.0.1:{port}"
-        reader = asyncio.get_running_loop().create_task(self._read_output(proc), name=f"output-{self.role}")
-        exited = asyncio.ensure_future(proc.wait())
+        tasks = TaskOwner()
+        tasks.start(f"output-{self.role}", self._read_output(proc))
+        exited = tasks.start(f"wait-{self.role}", proc.wait())
         try:
             loaded = await self._wait_loaded(proc, exited)
             if loaded is not None:
@@ -200,24 +211,20 @@ class ManagedServer(Backend):
         finally:
             self._set(False, "stopping" if proc.returncode is None else "exited")
             await self._terminate(proc, exited)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await tasks.stop()
 
     async def _wait_loaded(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> str | None:
         """Poll ``/health`` until 200; None when loaded, else why it failed."""
         start = time.monotonic()
         deadline = start + self._s.load_timeout_s
         next_note = start + 5.0
-        delay = 0.05
+        poll = Backoff(0.05, 0.5)
         while True:
             if exited.done():
                 return f"exited with {_exit_text(exited.result())} while loading"
-            try:
-                if await self._client.get(f"{self.url}/health", self._s.health_timeout_s) == 200:
-                    log.info("role %s: llama-server ready after %.1fs", self.role, time.monotonic() - start)
-                    return None
-            except GatewayError:
-                pass  # not listening yet
+            if (await probe(self._client, f"{self.url}/health", self._probes.timeout_s, strict=True)).up:
+                log.info("role %s: llama-server ready after %.1fs", self.role, time.monotonic() - start)
+                return None
             now = time.monotonic()
             if now >= deadline:
                 return f"did not load within {self._s.load_timeout_s:g}s (supervisor.load_timeout_s)"
@@ -231,22 +238,19 @@ class ManagedServer(Backend):
                     self._s.load_timeout_s,
                 )
                 next_note = now + 5.0
-            await asyncio.wait({exited}, timeout=delay)
-            delay = min(delay * 2, 0.5)
+            await asyncio.wait({exited}, timeout=poll.next())
 
     async def _watch(self, exited: asyncio.Future[int]) -> str:
         """Wait for the child to exit, pinging it; returns why it must be restarted."""
         failures = 0
         while True:
-            await asyncio.wait({exited}, timeout=self._s.health_interval_s)
+            await asyncio.wait({exited}, timeout=self._probes.interval_s)
             if exited.done():
                 return f"exited with {_exit_text(exited.result())}"
-            try:
-                status = await self._client.get(f"{self.url}/health", self._s.health_timeout_s)
-                problem = None if status == 200 else f"health answered HTTP {status}"
-            except GatewayError as exc:
-                problem = exc.message
-            if problem is None:
+            up, problem, _ = await probe(
+                self._client, f"{self.url}/health", self._probes.timeout_s, strict=True
+            )
+            if up:
                 failures = 0
                 continue
             failures += 1
@@ -254,10 +258,10 @@ class ManagedServer(Backend):
                 "role %s: health check %d/%d failed: %s",
                 self.role,
                 failures,
-                self._s.unhealthy_after,
+                self._s.restart_after_failures,
                 problem,
             )
-            if failures >= self._s.unhealthy_after:
+            if failures >= self._s.restart_after_failures:
                 return f"stopped answering /health ({problem})"
 
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> None:
@@ -284,6 +288,19 @@ class ManagedServer(Backend):
             log.debug("llama-server[%s]: %s", self.role, text)
 
 
+def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
+    """The command line of a role's llama-server on ``127.0.0.1:port``.
+
+    The agent owns ``--host``, ``--port`` and ``-m`` (the config refuses them in ``args``) and
+    adds ``--alias <role>`` unless one is given, so answers name the role, not a file path.
+    """
+    assert spec.binary is not None, "resolved by the config preflight"
+    argv = [spec.binary, "-m", spec.model, "--host", "127.0.0.1", "--port", str(port)]
+    if not any(a.split("=", 1)[0] in ("-a", "--alias") for a in spec.args):
+        argv += ["--alias", role]
+    return argv + list(spec.args)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
@@ -301,16 +318,17 @@ def _exit_text(code: int) -> str:
 class Supervisor:
     """All the role backends of one agent, each supervised by its own named task."""
 
-    def __init__(self, cfg: AgentConfig, client: UpstreamClient) -> None:
-        self.changed = asyncio.Event()
+    def __init__(self, cfg: AgentConfig, client: Client) -> None:
+        self._changed = asyncio.Event()
         self.backends: dict[str, Backend] = {}
+        on_change = self._changed.set
         for role, rc in cfg.roles.items():
             if rc.llama_server is not None:
                 self.backends[role] = ManagedServer(
-                    role, rc.llama_server, cfg.supervisor, client, self.changed.set
+                    role, rc.llama_server, cfg.supervisor, cfg.probes, client, on_change
                 )
             else:
-                self.backends[role] = ExternalServer(role, rc, cfg.supervisor, client, self.changed.set)
+                self.backends[role] = ExternalServer(role, rc, cfg.probes, client, on_change)
         self._tasks = TaskOwner()
 
     def start(self) -> None:
@@ -323,3 +341,16 @@ class Supervisor:
 
     def ready_roles(self) -> list[str]:
         return [role for role, b in self.backends.items() if b.ready]
+
+    def slot_urls(self) -> list[str]:
+        """The ``/slots`` URL of every ready backend (llama-server reports its slot use there)."""
+        return [f"{b.url}/slots" for b in self.backends.values() if b.ready and b.url]
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return when a backend became ready or stopped being ready, or after ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
+        self._changed.clear()

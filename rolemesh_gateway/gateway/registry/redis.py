@@ -7,7 +7,7 @@ gateway keeps the in-memory view of :class:`MemoryRegistry` and refreshes it eve
 ``registry.sync_interval_s`` (last-seen times and load always; node data only when the shared
 membership version moved), so routing never waits for Redis.
 
-Layout under ``<prefix>:``: ``nodes`` hash id -> JSON (url, roles, key index, version),
+Layout under ``<prefix>:``: ``nodes`` hash id -> JSON (url, roles, key id, version),
 ``seen`` sorted set id -> last heartbeat (wall-clock seconds), ``load`` hash id -> JSON,
 ``version`` counter bumped on every membership change.
 """
@@ -19,8 +19,10 @@ from typing import Any
 
 import orjson
 
-from .protocol import HeartbeatRequest, RegisterRequest
-from .registry import MemoryRegistry, Node, RegistryFull
+from ...common.errors import RegistryFull
+from ...common.protocol import HeartbeatRequest, RegisterRequest
+from .base import Node
+from .memory import MemoryRegistry
 
 log = logging.getLogger("rolemesh.registry")
 
@@ -58,8 +60,8 @@ return gone
 """
 
 
-def _load_json(node: Node) -> bytes:
-    return orjson.dumps([node.slots_total, node.slots_busy, node.reported_inflight])
+def _load_json(slots_total: int | None, slots_busy: int | None, inflight: int | None) -> bytes:
+    return orjson.dumps([slots_total, slots_busy, inflight])
 
 
 class RedisRegistry(MemoryRegistry):
@@ -91,19 +93,16 @@ class RedisRegistry(MemoryRegistry):
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def register(self, req: RegisterRequest, key_index: int) -> tuple[Node, bool]:
-        roles = tuple(dict.fromkeys(req.roles))
+    async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
         now = self.clock()
         data = orjson.dumps(
-            {"base_url": req.base_url, "roles": roles, "key_index": key_index, "version": req.version}
+            {"base_url": req.base_url, "roles": req.roles, "key_id": key_id, "version": req.version}
         )
-        load = orjson.dumps([req.slots_total, req.slots_busy, req.inflight])
+        load = _load_json(req.slots_total, req.slots_busy, req.inflight)
         existed = await self._register(keys=self._keys, args=[req.node_id, self.max_nodes, now, data, load])
         if existed == -1:
             raise RegistryFull(f"the shared registry is full ({self.max_nodes} nodes)")
-        node, _ = self._upsert(req.node_id, req.base_url, roles, key_index, req.version, now)
-        node.failures, node.ejected_until = 0, 0.0
-        node.apply_load(req)
+        node, _ = self._registered(req, key_id, now)
         return node, existed == 0
 
     async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
@@ -114,7 +113,7 @@ class RedisRegistry(MemoryRegistry):
         now = self.clock()
         if node is not None:
             node.apply_load(req)
-        load = _load_json(node) if node is not None else b""
+        load = _load_json(node.slots_total, node.slots_busy, node.reported_inflight) if node else b""
         if not await self._heartbeat(keys=self._keys[:3], args=[req.node_id, now, load]):
             if node is not None:  # removed elsewhere
                 self._drop(req.node_id)
@@ -149,7 +148,8 @@ class RedisRegistry(MemoryRegistry):
                 node_id = raw_id.decode()
                 d = orjson.loads(raw)
                 present.add(node_id)
-                self._upsert(node_id, d["base_url"], tuple(d["roles"]), d["key_index"], d["version"], 0.0)
+                roles = tuple(dict.fromkeys(d["roles"]))
+                self._upsert(node_id, d["base_url"], roles, d.get("key_id"), d["version"], 0.0)
             for node_id in [n for n in self._nodes if n not in present]:
                 self._drop(node_id)
             self._version = version

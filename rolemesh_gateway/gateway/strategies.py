@@ -6,7 +6,8 @@ whether a node may take traffic now (fresh, not ejected, not already tried). Str
 lazily from their starting point so that a request costs O(1) on a healthy fleet, even with
 thousands of nodes per role.
 
-:data:`STRATEGIES` is the one registry of names: config validation and the docs read it.
+:data:`STRATEGIES` is the one registry of names: config validation reads it, and
+``rolemesh-gateway validate`` prints each alias's strategy with its description.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Random:
 
 
 class LeastBusy:
-    """The eligible node with the most free capacity (see :func:`free_capacity`).
+    """The eligible node with the lowest load (``load(node)``: in-flight / slots, lower is freer).
 
     Ties are broken by rotation so that idle nodes share traffic evenly.
     """
@@ -108,5 +109,5 @@ STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
 
 def make_strategy(name: str, load: Callable[[object], float]) -> Strategy:
     """Build the strategy registered under ``name`` (validated in the settings already)."""
-    factory, _ = STRATEGIES[name]
+    factory, _description = STRATEGIES[name]
     return factory(load)

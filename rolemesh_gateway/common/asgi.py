@@ -1,4 +1,9 @@
-"""Small ASGI helpers shared by the gateway and the node agent (kept thin: hot path)."""
+"""Small ASGI helpers shared by the gateway and the node agent (kept thin: hot path).
+
+Both apps are plain ASGI callables: a :class:`Dispatcher` finds the handler for a method and
+path, the request readers turn oversized or malformed bodies into our errors, and the
+senders write JSON answers and OpenAI-shaped errors.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .errors import BadRequest, GatewayError, InvalidJSON, PayloadTooLarge
+from .errors import BadRequest, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge, RoleMeshError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -17,7 +22,46 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+
+
+class Dispatcher:
+    """Method and path to handler: exact paths in a dict (the hot path), then prefixes."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Handler]] = {}
+        self._prefixes: list[tuple[str, dict[str, Handler]]] = []
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        self._exact.setdefault(path, {})[method] = handler
+
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """``prefix`` matches any longer path that starts with it (``/v1/nodes/`` + an id)."""
+        for known, methods in self._prefixes:
+            if known == prefix:
+                methods[method] = handler
+                return
+        self._prefixes.append((prefix, {method: handler}))
+
+    def find(self, method: str, path: str) -> Handler:
+        methods = self._exact.get(path)
+        if methods is None:
+            methods = next((m for p, m in self._prefixes if path.startswith(p) and len(path) > len(p)), None)
+            if methods is None:
+                raise NotFound(f"no such endpoint: {method} {path}")
+        handler = methods.get(method)
+        if handler is None:
+            raise MethodNotAllowed(f"{path} accepts {', '.join(methods)}, not {method}")
+        return handler
+
+
+def target_of(scope: Scope) -> str:
+    """The request's path with its query string, as it goes on to the upstream."""
+    query: bytes = scope.get("query_string", b"")
+    path: str = scope["path"]
+    return f"{path}?{query.decode('latin-1')}" if query else path
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
@@ -114,14 +158,14 @@ async def send_json(send: Send, status: int, data: object, headers: Headers | No
     await send_bytes(send, status, body, JSON_HEADERS + (headers or []))
 
 
-async def send_error(send: Send, exc: GatewayError, headers: Headers | None = None) -> None:
+async def send_error(send: Send, exc: RoleMeshError, headers: Headers | None = None) -> None:
     extra = list(headers or [])
     if exc.status == 401:
         extra.append((b"www-authenticate", b'Bearer realm="rolemesh"'))
     await send_bytes(send, exc.status, exc.body(), JSON_HEADERS + extra)
 
 
-def sse_error_event(exc: GatewayError) -> bytes:
+def sse_error_event(exc: RoleMeshError) -> bytes:
     """An SSE event that OpenAI clients raise as an APIError when a stream breaks."""
     return b"data: " + exc.body() + b"\n\n"
 

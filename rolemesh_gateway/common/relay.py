@@ -1,9 +1,10 @@
-"""Outbound HTTP: the pooled client, header hygiene and relaying.
+"""Relaying an upstream's answer to an ASGI client, and the header hygiene both ways.
 
-The wire work is in :mod:`rolemesh_gateway.http1`, which raises only
-:mod:`rolemesh_gateway.errors` exceptions. This is where an upstream response is relayed to an
-ASGI client: bodies with a length in one piece, everything else (SSE, chunked) chunk by chunk
-as it arrives.
+The wire work is in :mod:`~rolemesh_gateway.common.http1`. Here an answer is relayed: bodies
+with a length in one piece, everything else (SSE, chunked, large) chunk by chunk as it
+arrives. A failure after the head was sent cannot become an error answer any more: an SSE
+stream ends with an error event, any other body is left unfinished, and
+:class:`~rolemesh_gateway.common.errors.StreamBroken` tells the caller the client was told.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from __future__ import annotations
 import logging
 
 from .asgi import Headers, Send, sse_error_event
-from .errors import GatewayError
-from .http1 import Client, Response, UpstreamUnreachable
+from .errors import RoleMeshError, StreamBroken
+from .http1 import Client, Response, Timeouts
 from .protocol import NODE_KEY
-from .settings import Timeouts
-
-__all__ = ["UpstreamClient", "UpstreamUnreachable", "relay", "upstream_headers"]
 
 log = logging.getLogger("rolemesh.upstream")
 
@@ -58,50 +56,6 @@ def response_headers(raw: Headers) -> Headers:
     return [(k, v) for k, v in raw if k not in _DROP_RESPONSE]
 
 
-class UpstreamClient:
-    """The process-wide pooled client. Create in start-up, close in shutdown."""
-
-    def __init__(self) -> None:
-        self._client: Client | None = None
-
-    async def start(self) -> None:
-        self._client = Client(keepalive_s=30.0)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            raise RuntimeError("UpstreamClient.start() was not called")
-        return self._client
-
-    async def open(
-        self, method: str, url: str, headers: Headers, body: bytes, timeouts: Timeouts, target: str
-    ) -> Response:
-        """Send a request; return once the response head arrived (first byte)."""
-        return await self.client.open(method, url, headers, body, timeouts, target)
-
-    async def fetch(
-        self,
-        method: str,
-        url: str,
-        timeout_s: float,
-        headers: Headers | None = None,
-        body: bytes = b"",
-        target: str | None = None,
-    ) -> tuple[int, bytes]:
-        """A small request read to its end (probes, registration): ``(status, body)``."""
-        return await self.client.request(method, url, headers or (), body, timeout_s, target or url)
-
-    async def get(self, url: str, timeout_s: float) -> int:
-        """A small GET for probes; returns the status (raises GatewayError on failure)."""
-        status, _ = await self.fetch("GET", url, timeout_s)
-        return status
-
-
 #: Bodies with a length up to this size are read whole before the client gets the head, so that
 #: a failure while reading can still be answered cleanly (or retried on another node); larger
 #: ones are relayed as they arrive, so that memory stays bounded whatever an upstream sends.
@@ -119,7 +73,7 @@ def _is_streamed(resp: Response) -> bool:
 async def relay(resp: Response, send: Send, extra_headers: Headers, target: str) -> int:
     """Relay an upstream response to the ASGI client; returns the bytes relayed.
 
-    Errors before the head was sent propagate as GatewayError, so the caller can still answer
+    Errors before the head was sent propagate as RoleMeshError, so the caller can still answer
     or retry. After it, an SSE stream ends with an error event; any other body is left
     unfinished, and the server closes the connection, so that a client never takes a cut
     body for a whole one.
@@ -133,8 +87,9 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
         await send({"type": "http.response.body", "body": body})
         return len(body)
     sse = resp.content_type == "text/event-stream"
-    if sse:
-        headers.extend(SSE_HEADERS)
+    if sse:  # unless the upstream (llama-server, or an agent) already said so
+        present = {name for name, _ in headers}
+        headers.extend(h for h in SSE_HEADERS if h[0] not in present)
     if resp.content_length is not None:
         headers.append((b"content-length", b"%d" % resp.content_length))
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -143,7 +98,7 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
         while chunk := await resp.next_chunk():
             total += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except GatewayError as err:
+    except RoleMeshError as err:
         log.warning("stream from %s broke after %d bytes: %s", target, total, err.message)
         if sse:
             await send({"type": "http.response.body", "body": sse_error_event(err), "more_body": False})
@@ -152,9 +107,22 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
     return total
 
 
-class StreamBroken(Exception):
-    """The upstream failed after the response had started; the client was told in-band."""
-
-    def __init__(self, error: GatewayError) -> None:
-        super().__init__(error.message)
-        self.error = error
+async def pass_through(
+    client: Client,
+    method: str,
+    url: str,
+    headers: Headers,
+    body: bytes,
+    timeouts: Timeouts,
+    send: Send,
+    extra_headers: Headers,
+    target: str,
+) -> None:
+    """One exchange relayed as it comes: open, relay, release (no retry, no judgement)."""
+    resp = await client.open(method, url, headers, body, timeouts, target)
+    try:
+        await relay(resp, send, extra_headers, target)
+    except StreamBroken:
+        pass  # the client was told in-band; relay logged it
+    finally:
+        resp.release()

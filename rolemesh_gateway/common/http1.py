@@ -17,7 +17,9 @@ What it does, and nothing more:
   ``_HIGH_WATER`` bytes wait for a slow consumer;
 - https with the system's trust store.
 
-Every failure is raised as a :mod:`rolemesh_gateway.errors` exception naming ``target``.
+Every failure is raised as a :mod:`~rolemesh_gateway.common.errors` exception whose message names
+``target`` as the caller gave it ("upstream planner (http://...)", "gateway http://..."); this is the
+one place where socket, TLS and parser errors are translated.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import functools
 import ssl
 import time
 from collections.abc import Iterable
-from typing import cast
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import httptools
 
-from .errors import UpstreamFailed, UpstreamTimeout
-from .settings import Timeouts
+from .errors import UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -43,8 +45,27 @@ _MAX_IDLE = 1024
 _INF = float("inf")
 
 
-class UpstreamUnreachable(UpstreamFailed):
-    """Could not connect at all: nothing was sent, so trying another node is always safe."""
+class Timeouts(Protocol):
+    """What an exchange is bounded by, in seconds (``common.config.Timeouts`` is one)."""
+
+    @property
+    def connect_s(self) -> float: ...
+    @property
+    def first_byte_s(self) -> float: ...
+    @property
+    def idle_s(self) -> float: ...
+    @property
+    def total_s(self) -> float | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A plain :class:`Timeouts` value (for small requests bounded by one figure)."""
+
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+    total_s: float | None
 
 
 class _Stale(Exception):
@@ -211,10 +232,10 @@ class Response:
         loop = self._conn.loop
         now = loop.time()
         if now >= self._deadline:
-            self._fail(UpstreamTimeout(f"upstream {self.target} did not finish in time (total_s)"))
+            self._fail(UpstreamTimeout(f"{self.target} did not finish in time (total_s)"))
         elif now >= self.last + self._limit:
             what = "answer" if not self.head_done else "send more of its answer"
-            self._fail(UpstreamTimeout(f"upstream {self.target} did not {what} in time"))
+            self._fail(UpstreamTimeout(f"{self.target} did not {what} in time"))
         else:
             self._timer = loop.call_at(min(self.last + self._limit, self._deadline), self._tick)
             return
@@ -262,9 +283,9 @@ class Response:
         if not self.got_bytes:
             self._fail(_Stale())
         elif self.head_done:
-            self._fail(UpstreamFailed(f"upstream {self.target} closed the connection mid-answer"))
+            self._fail(UpstreamFailed(f"{self.target} closed the connection mid-answer"))
         else:
-            self._fail(UpstreamFailed(f"upstream {self.target} closed the connection"))
+            self._fail(UpstreamFailed(f"{self.target} closed the connection"))
 
     # -- the end ----------------------------------------------------------------------------
     def release(self) -> None:
@@ -309,7 +330,7 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            resp._fail(UpstreamFailed(f"upstream {resp.target} sent a malformed answer: {exc}"))
+            resp._fail(UpstreamFailed(f"{resp.target} sent a malformed answer: {exc}"))
             self.abort()
             return
         resp._wake()
@@ -451,7 +472,7 @@ class Client:
         try:
             return await self._exchange(conn, request, timeouts, target, pool, head_only)
         except _Stale:
-            raise UpstreamFailed(f"upstream {target} closed the connection without answering") from None
+            raise UpstreamFailed(f"{target} closed the connection without answering") from None
 
     async def request(
         self,
@@ -502,16 +523,16 @@ class Client:
                     server_hostname=host if tls else None,
                 )
         except TimeoutError:
-            raise UpstreamUnreachable(f"timed out connecting to upstream {target}") from None
+            raise UpstreamUnreachable(f"timed out connecting to {target}") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
-            raise UpstreamUnreachable(f"cannot connect to upstream {target}: {reason}") from None
+            raise UpstreamUnreachable(f"cannot connect to {target}: {reason}") from None
         return conn
 
 
 @functools.lru_cache(maxsize=16)
-def _limits(timeout_s: float) -> Timeouts:
-    return Timeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s, total_s=timeout_s)
+def _limits(timeout_s: float) -> Limits:
+    return Limits(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s, total_s=timeout_s)
 
 
 def _request_bytes(

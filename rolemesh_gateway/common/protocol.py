@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .settings import check_http_url
+from .config import check_http_url
 
 #: Header that carries a node key (gateway <-> node, both directions).
 NODE_KEY_HEADER = "X-RoleMesh-Node-Key"
@@ -35,7 +35,7 @@ def check_node_id(value: str) -> str:
 
 def check_role(value: str) -> str:
     if not _ROLE_RE.match(value):
-        raise ValueError("each role must be 1-64 characters of letters, digits, '.', '_', ':', '-'")
+        raise ValueError("must be 1-64 characters of letters, digits, '.', '_', ':', '-' (a role name)")
     return value
 
 

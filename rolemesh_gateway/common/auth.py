@@ -1,0 +1,86 @@
+"""API keys: one :class:`KeyRing` per kind of key, used by the gateway and by the node agent.
+
+A ring is built once from validated settings (keys are printable ASCII, checked there), so the
+bytes compared on every request are computed once. A presented key is compared against every
+key of the ring in constant time, and the match is reported by a stable *key id* (a short hash
+of the key), never by its position in the config list: reordering or rotating keys in the file,
+or two gateways that list them in another order, never changes which node used which key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from .asgi import Headers
+from .errors import Unauthorized
+from .protocol import NODE_KEY
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret name for a key: ``key-`` and 8 hex digits of its SHA-256."""
+    return "key-" + hashlib.sha256(key.encode("ascii")).hexdigest()[:8]
+
+
+def bearer(value: bytes) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` value; None for other schemes."""
+    if value[:7].lower() == b"bearer ":
+        return value[7:].strip()
+    return None
+
+
+class KeyRing:
+    """A set of keys of one kind (client keys, node keys)."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = tuple((k.encode("ascii"), key_id(k)) for k in keys)
+        self._by_id = {kid: raw for raw, kid in self._keys}
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def match(self, presented: bytes | None) -> str | None:
+        """The id of the key presented, compared in constant time against every key; else None."""
+        found = None
+        if presented is None:
+            return None
+        for raw, kid in self._keys:
+            if hmac.compare_digest(presented, raw):
+                found = kid
+        return found
+
+    def key(self, kid: str) -> bytes | None:
+        """The key bytes with this id (what the gateway sends to a node), if it is still here."""
+        return self._by_id.get(kid)
+
+    def check_client(self, headers: Headers) -> str:
+        """The id of the client key in ``X-Api-Key`` or ``Authorization: Bearer``; 401 otherwise."""
+        presented = None
+        for k, v in headers:
+            if k == b"x-api-key":
+                presented = v
+            elif k == b"authorization" and presented is None:
+                presented = bearer(v)
+        kid = self.match(presented)
+        if kid is None:
+            raise Unauthorized(
+                "missing API key: send it as 'X-Api-Key: <key>' or 'Authorization: Bearer <key>'"
+                if presented is None
+                else "invalid API key"
+            )
+        return kid
+
+    def check_node(self, headers: Headers, *, bearer_too: bool = False) -> str | None:
+        """The id of the node key in ``X-RoleMesh-Node-Key`` (or a bearer token); None if absent."""
+        presented = None
+        for k, v in headers:
+            if k == NODE_KEY:
+                presented = v
+                break
+            if bearer_too and k == b"authorization" and presented is None:
+                presented = bearer(v)
+        return self.match(presented)

@@ -1,0 +1,175 @@
+"""What the two command lines share: options, the bind-safety check and how uvicorn is started.
+
+Both CLIs are click groups whose ``main()`` only parses; every option has a ``ROLE_MESH_*``
+environment variable, shown in ``--help`` with its default. Both programs start uvicorn the
+same way: the socket is bound first (a busy port fails at once, before any start-up work, and
+``--port 0`` picks a free port that is then printed), then the server runs on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from .config import INSECURE_ENV, LOG_LEVELS, is_loopback
+from .logs import setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status when the program could not start (bad config, unsafe bind, busy port).
+STARTUP_FAILURE = 2
+
+log = logging.getLogger("rolemesh")
+
+
+def serve_options(env_prefix: str, default_port: int | None, default_graceful_s: int) -> Callable[[F], F]:
+    """The options of ``serve``, on the group and on ``serve`` (a later one wins).
+
+    ``env_prefix`` is ``ROLE_MESH`` for the gateway and ``ROLE_MESH_AGENT`` for the agent, so
+    that one environment (a systemd ``EnvironmentFile``) can hold both programs' settings.
+    """
+
+    def apply(fn: F) -> F:
+        options = [
+            click.option(
+                "--host",
+                envvar=f"{env_prefix}_HOST",
+                default=None,
+                show_envvar=True,
+                help="Bind address [default: 127.0.0.1"
+                + ("" if default_port is not None else ", or host: in the config file")
+                + "]",
+            ),
+            click.option(
+                "--port",
+                envvar=f"{env_prefix}_PORT",
+                type=click.IntRange(0, 65535),
+                default=None,
+                show_envvar=True,
+                help=f"Port; 0 picks a free one [default: {default_port or 'port: in the config, or 8091'}]",
+            ),
+            click.option(
+                "--log-level",
+                envvar="ROLE_MESH_LOG_LEVEL",
+                type=click.Choice(LOG_LEVELS, case_sensitive=False),
+                default=None,
+                show_envvar=True,
+                help="Log level [default: info]",
+            ),
+            click.option(
+                "--graceful-timeout",
+                envvar=f"{env_prefix}_GRACEFUL_TIMEOUT",
+                type=click.IntRange(0, None),
+                default=None,
+                show_envvar=True,
+                help="On SIGTERM, seconds that requests and streams in flight may take to finish "
+                f"[default: {default_graceful_s}]",
+            ),
+            click.option(
+                "--access-log/--no-access-log",
+                envvar=f"{env_prefix}_ACCESS_LOG",
+                default=None,
+                show_envvar=True,
+                help="Log a line per request (off by default: it costs about as much CPU as relaying)",
+            ),
+            click.option(
+                "--allow-insecure-bind",
+                envvar=INSECURE_ENV,
+                is_flag=True,
+                default=None,
+                show_envvar=True,
+                help="Bind a non-loopback address without keys configured (you really mean it)",
+            ),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def merged(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
+    """The group's option values overridden by those given to the subcommand."""
+    values = dict(ctx.parent.params) if ctx.parent is not None else {}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return values
+
+
+def fail(program: str, message: str) -> None:
+    """Print ``program: message`` to stderr and exit with :data:`STARTUP_FAILURE`."""
+    click.echo(f"{program}: {message}", err=True)
+    sys.exit(STARTUP_FAILURE)
+
+
+def bind_guard(program: str, host: str, protected: bool, keys_hint: str, allow: bool | None) -> None:
+    """Refuse a non-loopback bind without keys unless the user said they mean it."""
+    if is_loopback(host) or protected or allow:
+        return
+    fail(
+        program,
+        f"refusing to listen on {host} without {keys_hint}: anyone on the network could use it. "
+        f"Configure keys, bind 127.0.0.1, or pass --allow-insecure-bind ({INSECURE_ENV}=1) "
+        "if you really mean it.",
+    )
+
+
+def run_server(
+    program: str,
+    app: Any,
+    host: str,
+    port: int,
+    log_level: str | None,
+    graceful_s: int,
+    access_log: bool,
+) -> int:
+    """Bind ``host:port``, then run ``app`` under uvicorn (uvloop + httptools) until stopped."""
+    import uvicorn
+
+    level = (log_level or "info").lower()
+    setup_logging(level)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="auto",
+        http="auto",
+        log_level=level,
+        access_log=access_log,
+        server_header=False,
+        date_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_s,
+    )
+    server = uvicorn.Server(config)
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn logged why (address in use, permission denied)
+        return STARTUP_FAILURE
+    # uvicorn marks it inheritable (for its workers); children (llama-server) must not hold it.
+    sock.set_inheritable(False)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    log.info("%s listening on http://%s:%d", program, shown, bound[1])
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def run_cli(group: click.Group, argv: Sequence[str] | None, program: str) -> int:
+    """Run a click group and return its exit status (instead of exiting), for ``main()``."""
+    try:
+        group.main(args=list(argv) if argv is not None else None, prog_name=program, standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return STARTUP_FAILURE
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    return 0

@@ -1,0 +1,187 @@
+"""The one exception tree of both programs, and its one mapping to OpenAI-shaped error bodies.
+
+::
+
+    RoleMeshError                 status/type/code -> {"error": {...}}   (alias: GatewayError)
+     ├─ BadRequest (400) ── InvalidJSON, InvalidNodeMessage
+     ├─ Unauthorized (401)
+     ├─ NotFound (404) ── ModelNotFound, NodeNotFound
+     ├─ MethodNotAllowed (405)
+     ├─ PayloadTooLarge (413)
+     ├─ RegistryFull (507)
+     ├─ NoUpstreamAvailable (503) ── QueueFull (429), QueueTimeout (503)
+     └─ UpstreamError ─┬─ UpstreamFailed (502) ── UpstreamUnreachable
+                       ├─ UpstreamTimeout (504)
+                       └─ Refused         the other side answered "no" (the agent's registration)
+    StreamBroken      not an answer: the upstream failed after the head; the client was told in-band
+    ConfigError       start-up only: a config problem phrased as one line
+
+Translation happens only at the edges: socket, TLS and parser errors in
+:mod:`~rolemesh_gateway.common.http1`; JSON and body limits in
+:mod:`~rolemesh_gateway.common.asgi`; pydantic wire errors in :func:`wire_error`. Messages name
+the ``target`` they were given ("upstream planner (http://...)", "gateway http://..."), so no
+caller edits them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from pydantic import ValidationError
+
+
+class RoleMeshError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error ``type``/``code``."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def payload(self) -> dict[str, object]:
+        """The OpenAI error object for this error."""
+        return error_payload(self.message, self.type, self.code, self.param)
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+#: The name the public API has always used.
+GatewayError = RoleMeshError
+
+
+class BadRequest(RoleMeshError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidNodeMessage(BadRequest):
+    """A registration or heartbeat body that does not match the node protocol."""
+
+    code = "invalid_node_message"
+
+
+class Unauthorized(RoleMeshError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(RoleMeshError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class NodeNotFound(NotFound):
+    code = "node_not_found"
+
+
+class MethodNotAllowed(RoleMeshError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(RoleMeshError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RegistryFull(RoleMeshError):
+    """The node registry holds ``nodes.max_nodes`` nodes already."""
+
+    status = 507
+    type = "server_error"
+    code = "registry_full"
+
+
+class NoUpstreamAvailable(RoleMeshError):
+    """No backend can take the request now (all down, stale, or ejected)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_upstream_available"
+
+
+class QueueFull(NoUpstreamAvailable):
+    """Every node of the role is at capacity and the wait queue is full."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class QueueTimeout(NoUpstreamAvailable):
+    """The request waited in the queue for a free slot longer than allowed."""
+
+    status = 503
+    code = "queue_timeout"
+
+
+class UpstreamError(RoleMeshError):
+    """Talking to another HTTP server (an upstream, a node, the gateway) went wrong."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_failed"
+
+
+class UpstreamFailed(UpstreamError):
+    """The server could not be reached or broke the exchange."""
+
+
+class UpstreamUnreachable(UpstreamFailed):
+    """Could not connect at all: nothing was sent, so trying another node is always safe."""
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class Refused(UpstreamError):
+    """The other server answered, but refused what was asked (a registration, a heartbeat)."""
+
+
+class StreamBroken(Exception):
+    """The upstream failed after the response had started; the client was told in-band."""
+
+    def __init__(self, error: RoleMeshError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as one line for the operator."""
+
+
+def error_payload(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, object]:
+    """Build ``{"error": {...}}`` in the shape every OpenAI client parses."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def wire_error(exc: ValidationError, what: str) -> InvalidNodeMessage:
+    """A pydantic error on a node-protocol body as one 400 (``what``: registration, heartbeat)."""
+    err = exc.errors(include_url=False)[0]
+    loc = err["loc"]
+    where = ".".join(str(p) for p in loc) or "body"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return InvalidNodeMessage(f"invalid node {what}: {where}: {msg}", param=str(loc[0]) if loc else None)

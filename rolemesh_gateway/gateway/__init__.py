@@ -1,0 +1,1 @@
+"""The gateway program: settings, routes, registry and the ASGI app (``rolemesh-gateway``)."""

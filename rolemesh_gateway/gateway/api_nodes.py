@@ -1,0 +1,100 @@
+"""The node API: register, heartbeat and deregister (node key), and the operator's node list.
+
+Bodies are the wire models of :mod:`rolemesh_gateway.common.protocol`, read with a small size
+limit and validated strictly; a body that does not fit is one 400 that says which field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..common.asgi import Receive, Scope, Send, read_json_object, send_json
+from ..common.errors import NodeNotFound, wire_error
+from ..common.protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
+from .guard import Guard
+from .registry import NodeRegistry
+from .settings import Settings
+
+log = logging.getLogger("rolemesh.nodes")
+
+#: Registration and heartbeat bodies are small; anything larger is refused unread.
+MAX_WIRE_BODY = 64 * 1024
+NODES_PREFIX = "/v1/nodes/"
+
+
+class NodesAPI:
+    """Node membership, as the agents and operators see it."""
+
+    def __init__(self, settings: Settings, registry: NodeRegistry, guard: Guard) -> None:
+        self._registry = registry
+        self._guard = guard
+        self._stale_after_s = settings.nodes.stale_after_s
+
+    async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key_id = self._guard.node(scope["headers"])
+        _, data = await read_json_object(receive, scope["headers"], MAX_WIRE_BODY)
+        try:
+            req = RegisterRequest.model_validate(data)
+        except ValidationError as exc:
+            raise wire_error(exc, "registration") from None
+        node, new = await self._registry.register(req, key_id)
+        log.info(
+            "node %s %s: %s roles=%s",
+            node.node_id,
+            "registered" if new else "re-registered",
+            node.base_url,
+            ",".join(node.roles),
+        )
+        s = self._stale_after_s
+        resp = RegisterResponse(
+            node_id=node.node_id, stale_after_s=s, heartbeat_interval_hint_s=max(1.0, s / 3)
+        )
+        await send_json(send, 201 if new else 200, resp.model_dump())
+
+    async def heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._guard.node(scope["headers"])
+        _, data = await read_json_object(receive, scope["headers"], MAX_WIRE_BODY)
+        try:
+            req = HeartbeatRequest.model_validate(data)
+        except ValidationError as exc:
+            raise wire_error(exc, "heartbeat") from None
+        node = await self._registry.heartbeat(req)
+        if node is None:
+            raise NodeNotFound(f"node '{req.node_id}' is not registered; register it again")
+        await send_json(send, 200, {"node_id": node.node_id, "status": "ok"})
+
+    async def deregister(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._guard.node(scope["headers"])
+        node_id = scope["path"][len(NODES_PREFIX) :]
+        if "/" in node_id or not await self._registry.deregister(node_id):
+            raise NodeNotFound(f"node '{node_id}' is not registered")
+        log.info("node %s deregistered", node_id)
+        await send_json(send, 200, {"node_id": node_id, "status": "deregistered"})
+
+    async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every node, fresh or not, with its state by the same rule routing uses."""
+        self._guard.client(scope["headers"])
+        registry = self._registry
+        now = registry.clock()
+        nodes: list[dict[str, Any]] = []
+        for n in sorted(registry.all_nodes(), key=lambda n: n.node_id):
+            state = registry.state(n, now)
+            nodes.append(
+                {
+                    "node_id": n.node_id,
+                    "base_url": n.base_url,
+                    "roles": list(n.roles),
+                    "status": "stale" if state == "stale" else "fresh",
+                    "state": state,
+                    "seconds_since_heartbeat": round(now - n.last_seen, 3),
+                    "ejected": n.ejected_until > now,
+                    "inflight": n.inflight,
+                    "slots_total": n.slots_total,
+                    "slots_busy": n.slots_busy,
+                    "version": n.version,
+                }
+            )
+        await send_json(send, 200, {"object": "list", "data": nodes, "stale_after_s": registry.stale_after_s})

@@ -1,0 +1,79 @@
+"""The status endpoints: ``/health``, ``/ready``, ``/v1/models`` and ``/v1/models/{id}``.
+
+Availability is asked of each route (:meth:`~rolemesh_gateway.gateway.routes.Route.available`),
+so these answers and the routing agree on what can serve now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..common.asgi import Receive, Scope, Send, send_json
+from ..common.errors import ModelNotFound
+from .guard import Guard
+from .inference import Inference
+from .routes import Route
+from .settings import Settings
+
+MODELS_PREFIX = "/v1/models/"
+
+
+class StatusAPI:
+    """Read-only answers about the gateway and its aliases."""
+
+    def __init__(
+        self, settings: Settings, routes: dict[str, Route], guard: Guard, inference: Inference
+    ) -> None:
+        self._settings = settings
+        self._routes = routes
+        self._guard = guard
+        self._inference = inference
+
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """200 while the process is up; nothing else is checked."""
+        await send_json(send, 200, {"status": "ok"})
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """200 when the default alias can serve now, else 503 with the reason."""
+        alias = self._settings.default_model
+        ok, reason = self._routes[alias].available()
+        if ok:
+            await send_json(send, 200, {"status": "ready", "default_model": alias})
+        else:
+            await send_json(send, 503, {"status": "not_ready", "default_model": alias, "reason": reason})
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The OpenAI model list of the aliases that can serve now, and why the others cannot."""
+        self._guard.client(scope["headers"])
+        data: list[dict[str, Any]] = []
+        unavailable: list[str] = []
+        aliases: dict[str, dict[str, Any]] = {}
+        for alias, route in self._routes.items():
+            name = self._settings.advertised_name(alias)
+            ok, reason = route.available()
+            info: dict[str, Any] = {"id": name, "available": ok, **route.describe()}
+            if ok:
+                data.append(_model_object(name))
+            else:
+                info["reason"] = reason
+                unavailable.append(name)
+            aliases[alias] = info
+        body = {
+            "object": "list",
+            "data": data,
+            "rolemesh": {"unavailable_models": unavailable, "aliases": aliases},
+        }
+        await send_json(send, 200, body)
+
+    async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/models/{id}`` (what ``client.models.retrieve`` calls)."""
+        self._guard.client(scope["headers"])
+        name = scope["path"][len(MODELS_PREFIX) :]
+        alias = self._inference.resolve(name)
+        if alias is None or not self._routes[alias].available()[0]:
+            raise ModelNotFound(f"model '{name}' does not exist or is not available now", param="model")
+        await send_json(send, 200, _model_object(self._settings.advertised_name(alias)))
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "rolemesh"}

@@ -1,0 +1,40 @@
+"""Who may call what: client keys for inference and status, node keys for the node API.
+
+A client key never works as a node key, nor the reverse (the settings refuse a key in both
+lists). With no key of either kind configured the gateway is open (a loud warning at start);
+with node keys only, client calls are refused.
+"""
+
+from __future__ import annotations
+
+from ..common.asgi import Headers
+from ..common.auth import KeyRing
+from ..common.errors import Unauthorized
+from .settings import AuthSettings
+
+
+class Guard:
+    """The gateway's key rings and the checks built on them."""
+
+    def __init__(self, auth: AuthSettings) -> None:
+        self.clients = KeyRing(auth.client_api_keys)
+        self.nodes = KeyRing(auth.node_api_keys)
+        #: No keys at all: anyone may call anything.
+        self.open = not self.clients and not self.nodes
+
+    def client(self, headers: Headers) -> str | None:
+        """The id of the client key presented (None in open mode); 401 without a valid one."""
+        if self.open:
+            return None
+        return self.clients.check_client(headers)
+
+    def node(self, headers: Headers) -> str | None:
+        """The id of the node key presented (None in open mode); 401 without a valid one."""
+        if self.open:
+            return None
+        if not self.nodes:
+            raise Unauthorized("node registration is disabled: configure auth.node_api_keys")
+        kid = self.nodes.check_node(headers)
+        if kid is None:
+            raise Unauthorized("missing or invalid node key (X-RoleMesh-Node-Key)")
+        return kid

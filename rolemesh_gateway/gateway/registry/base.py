@@ -1,0 +1,136 @@
+"""The node registry's interface: which nodes exist, what roles they serve, when they checked in.
+
+Writes are ``async`` so that a shared store can sit behind them; reads on the request path are
+synchronous lookups in local memory. One rule decides a node's state, used by routing,
+``/v1/models`` and ``/v1/nodes`` alike (:meth:`NodeRegistry.state`): *stale* when it has not
+heartbeaten for ``stale_after_s``, else *ejected* while passive health has it cooling down,
+else *fresh*; only fresh nodes take traffic.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ...common.protocol import HeartbeatRequest, Load, RegisterRequest
+
+NodeState = Literal["fresh", "stale", "ejected"]
+NODE_STATES: tuple[NodeState, ...] = ("fresh", "stale", "ejected")
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One registered node, plus this gateway's own view of it (in-flight, failures)."""
+
+    node_id: str
+    base_url: str
+    roles: tuple[str, ...]
+    #: Id of the node key it registered with (:func:`~rolemesh_gateway.common.auth.key_id`).
+    key_id: str | None
+    registered_at: float
+    last_seen: float
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    reported_inflight: int | None = None
+    version: str | None = None
+    # Gateway-local state, never shared: requests in flight from here, passive health.
+    inflight: int = 0
+    failures: int = 0
+    ejected_until: float = 0.0
+
+    def apply_load(self, load: Load) -> None:
+        if load.slots_total is not None:
+            self.slots_total = load.slots_total
+        if load.slots_busy is not None:
+            self.slots_busy = load.slots_busy
+        if load.inflight is not None:
+            self.reported_inflight = load.inflight
+
+    def load(self) -> float:
+        """Fraction of capacity in use, as seen from this gateway (lower is better)."""
+        cap = self.slots_total
+        if cap:
+            return self.inflight / cap
+        return float(self.inflight)
+
+
+class NodeRegistry(abc.ABC):
+    """Interface of a node registry. Writes are async; reads are local and synchronous."""
+
+    def __init__(
+        self,
+        *,
+        stale_after_s: float,
+        evict_after_s: float,
+        max_nodes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stale_after_s = stale_after_s
+        self.evict_after_s = evict_after_s
+        self.max_nodes = max_nodes
+        self.clock = clock
+
+    #: How often :meth:`sync` should run; ``None`` when the registry is local only.
+    sync_interval_s: float | None = None
+
+    async def start(self) -> None:
+        """Connect and load the shared state (nothing to do for a local registry)."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections (nothing to do for a local registry)."""
+        return None
+
+    async def sync(self) -> None:
+        """Refresh the local view from the shared store (nothing to do for a local registry)."""
+        return None
+
+    @abc.abstractmethod
+    async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
+        """Add or update a node; returns it and whether it is new. Raises RegistryFull."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
+        """Mark a node fresh and store its load; ``None`` if the node is unknown."""
+
+    @abc.abstractmethod
+    async def deregister(self, node_id: str) -> bool:
+        """Remove a node; False if it was not registered."""
+
+    @abc.abstractmethod
+    async def sweep(self) -> list[str]:
+        """Evict nodes stale for longer than ``evict_after_s``; returns their ids."""
+
+    @abc.abstractmethod
+    def nodes_for_role(self, role: str) -> Sequence[Node]:
+        """All registered nodes with ``role``, in any state (routing asks :meth:`usable`)."""
+
+    @abc.abstractmethod
+    def all_nodes(self) -> list[Node]: ...
+
+    def is_stale(self, node: Node, now: float) -> bool:
+        """No heartbeat for ``stale_after_s``: no traffic, but still listed."""
+        return now - node.last_seen >= self.stale_after_s
+
+    def state(self, node: Node, now: float) -> NodeState:
+        """The one freshness rule (see the module docstring)."""
+        if self.is_stale(node, now):
+            return "stale"
+        if node.ejected_until > now:
+            return "ejected"
+        return "fresh"
+
+    def usable(self, node: Node, now: float) -> bool:
+        """May this node take traffic now? (fresh, and not ejected)"""
+        return not self.is_stale(node, now) and node.ejected_until <= now
+
+    def count_for_role(self, role: str) -> dict[NodeState, int]:
+        """How many nodes of a role are in each state."""
+        now = self.clock()
+        counts: dict[NodeState, int] = dict.fromkeys(NODE_STATES, 0)
+        for node in self.nodes_for_role(role):
+            counts[self.state(node, now)] += 1
+        return counts

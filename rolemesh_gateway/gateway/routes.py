@@ -1,0 +1,367 @@
+"""How each alias is served: a fixed upstream, or the registered nodes of a role.
+
+Both kinds of route have the same small interface: :meth:`Route.available` (can it serve now,
+and if not, why) and :meth:`Route.forward` (send one request, relay the answer), so nothing
+above this module asks which kind it has.
+
+A discovered route retries on another node only while nothing has reached the client
+(connection refused, timeout before the response head, a 5xx head). Nodes that keep failing
+are ejected for a cool-down (passive health). With ``least_busy``, a request that finds every
+node of its role at capacity waits in a bounded FIFO queue for a free slot.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..common.asgi import Headers, Send
+from ..common.auth import KeyRing
+from ..common.config import Timeouts
+from ..common.errors import (
+    NoUpstreamAvailable,
+    QueueFull,
+    QueueTimeout,
+    RoleMeshError,
+    StreamBroken,
+    UpstreamFailed,
+    UpstreamUnreachable,
+)
+from ..common.http1 import Client
+from ..common.protocol import NODE_KEY
+from ..common.relay import pass_through, relay
+from .health import HealthMonitor
+from .registry import Node, NodeRegistry
+from .settings import DiscoveredModel, NodeSettings, ProxyModel, QueueSettings, Settings
+from .strategies import Strategy, make_strategy
+
+log = logging.getLogger("rolemesh.routes")
+
+
+@dataclass(slots=True)
+class Outbound:
+    """One client request as it goes upstream, built once by the inference endpoint."""
+
+    method: str
+    #: Path and query string.
+    target: str
+    #: The client's headers minus hop-by-hop ones and credentials, plus the request id.
+    headers: Headers
+    body: bytes
+    #: Added to the answer the client gets (the request id).
+    reply_headers: Headers
+
+
+class Route(abc.ABC):
+    """How one alias is served."""
+
+    kind: str
+
+    def __init__(self, alias: str, rewrite_model: str | None, timeouts: Timeouts) -> None:
+        self.alias = alias
+        #: The ``model`` the upstream is sent, when it differs from what the client wrote.
+        self.rewrite_model = rewrite_model
+        self.timeouts = timeouts
+
+    @abc.abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """Can this alias serve a request now; if not, why (in words for the operator)."""
+
+    @abc.abstractmethod
+    async def forward(self, out: Outbound, send: Send) -> None:
+        """Send ``out`` upstream and relay the answer to ``send``; raise if nothing was sent."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/v1/models`` says about this alias beside availability."""
+        return {"type": self.kind}
+
+
+class FixedRoute(Route):
+    """A ``type: proxy`` alias: one upstream URL, probed in the background."""
+
+    kind = "proxy"
+
+    def __init__(
+        self, alias: str, m: ProxyModel, timeouts: Timeouts, client: Client, health: HealthMonitor
+    ) -> None:
+        super().__init__(alias, m.upstream_model, timeouts)
+        self.url = m.proxy_url
+        self._client = client
+        self._health = health
+        self._target = f"upstream {alias} ({self.url})"
+
+    def available(self) -> tuple[bool, str]:
+        return self._health.status(self.alias)
+
+    async def forward(self, out: Outbound, send: Send) -> None:
+        try:
+            await pass_through(
+                self._client,
+                out.method,
+                self.url + out.target,
+                out.headers,
+                out.body,
+                self.timeouts,
+                send,
+                out.reply_headers,
+                self._target,
+            )
+        except UpstreamUnreachable as exc:
+            self._health.mark_failed(self.alias, exc.message)
+            raise
+
+
+class WaitQueue:
+    """FIFO of requests waiting for a free slot on a role; bounded in size and wait."""
+
+    def __init__(self, settings: QueueSettings) -> None:
+        self.max_size = settings.max_size
+        self.max_wait_s = settings.max_wait_s
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    async def wait(self, deadline: float, role: str) -> None:
+        """Wait until :meth:`wake_one` picks this request, or raise QueueFull / QueueTimeout."""
+        if len(self._waiters) >= self.max_size:
+            raise QueueFull(
+                f"all nodes for role '{role}' are busy and {self.max_size} requests are already "
+                "waiting (queue.max_size); retry later"
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QueueTimeout(self._timeout_message(role))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(remaining):
+                await fut
+        except TimeoutError:
+            raise QueueTimeout(self._timeout_message(role)) from None
+        finally:
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
+    def _timeout_message(self, role: str) -> str:
+        return (
+            f"waited {self.max_wait_s:g}s for a free slot on role '{role}' (queue.max_wait_s); "
+            "all nodes stayed busy"
+        )
+
+    def wake_one(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+class PassiveHealth:
+    """Counts a node's consecutive failures from real traffic and ejects it for a cool-down."""
+
+    def __init__(self, settings: NodeSettings, clock: Any = time.time) -> None:
+        self.eject_after = settings.eject_after_failures
+        self.eject_for_s = settings.eject_for_s
+        self._clock = clock
+
+    def failed(self, node: Node, err: RoleMeshError) -> None:
+        node.failures += 1
+        if node.failures >= self.eject_after:
+            node.ejected_until = self._clock() + self.eject_for_s
+            log.warning(
+                "node %s ejected for %.0fs after %d failures (last: %s)",
+                node.node_id,
+                self.eject_for_s,
+                node.failures,
+                err.message,
+            )
+
+    def succeeded(self, node: Node) -> None:
+        node.failures = 0
+
+
+@dataclass(slots=True)
+class Retry:
+    """Nothing reached the client: the next node may try."""
+
+    error: RoleMeshError
+
+
+#: The answer (or its in-band error, after the first byte) reached the client: stop here.
+DONE = None
+Outcome = Retry | None
+
+
+class DiscoveredRoute(Route):
+    """A ``type: discovered`` alias: the fresh nodes that registered its role."""
+
+    kind = "discovered"
+
+    def __init__(
+        self,
+        alias: str,
+        m: DiscoveredModel,
+        timeouts: Timeouts,
+        queue: WaitQueue | None,
+        client: Client,
+        registry: NodeRegistry,
+        node_keys: KeyRing,
+        passive: PassiveHealth,
+    ) -> None:
+        super().__init__(alias, m.role, timeouts)
+        self.role = m.role
+        self.strategy_name = m.strategy
+        self.strategy: Strategy = make_strategy(m.strategy, lambda n: n.load())  # type: ignore[attr-defined]
+        self.max_attempts = m.max_attempts
+        self.queue = queue
+        self._client = client
+        self._registry = registry
+        self._node_keys = node_keys
+        self._passive = passive
+
+    # -- availability ---------------------------------------------------------------------
+    def available(self) -> tuple[bool, str]:
+        registry = self._registry
+        now = registry.clock()
+        nodes = registry.nodes_for_role(self.role)
+        if any(registry.usable(n, now) for n in nodes):
+            return True, "ok"
+        if not nodes:
+            return False, f"no node has registered role '{self.role}'"
+        return False, f"no fresh node serves role '{self.role}' ({len(nodes)} stale or ejected)"
+
+    def describe(self) -> dict[str, Any]:
+        counts = self._registry.count_for_role(self.role)
+        return {
+            "type": self.kind,
+            "role": self.role,
+            "strategy": self.strategy_name,
+            "fresh_nodes": counts["fresh"],
+            "stale_nodes": counts["stale"],
+            "ejected_nodes": counts["ejected"],
+        }
+
+    # -- forwarding -----------------------------------------------------------------------
+    async def forward(self, out: Outbound, send: Send) -> None:
+        tried: list[Node] = []
+        deadline = time.monotonic() + (self.queue.max_wait_s if self.queue is not None else 0.0)
+        last: RoleMeshError | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                node = await self._pick(tried, deadline)
+            except NoUpstreamAvailable:
+                if last is not None:  # the real reason is what the nodes tried said
+                    raise last from None
+                raise
+            tried.append(node)
+            outcome = await self._try(node, out, send, final=attempt == self.max_attempts)
+            if outcome is DONE:
+                return
+            last = outcome.error
+            log.info("attempt %d for %s on %s failed: %s", attempt, self.alias, node.node_id, last.message)
+        assert last is not None
+        raise last
+
+    async def _try(self, node: Node, out: Outbound, send: Send, final: bool) -> Outcome:
+        """One attempt on one node."""
+        headers = out.headers
+        key = self._node_keys.key(node.key_id) if node.key_id is not None else None
+        if key is not None:
+            headers = [*headers, (NODE_KEY, key)]
+        target = f"node {node.node_id} ({node.base_url})"
+        with self._slot(node):
+            try:
+                resp = await self._client.open(
+                    out.method, node.base_url + out.target, headers, out.body, self.timeouts, target
+                )
+            except RoleMeshError as exc:
+                self._passive.failed(node, exc)
+                return Retry(exc)
+            try:
+                if resp.status >= 500 and not final:
+                    err = UpstreamFailed(f"{target} answered HTTP {resp.status}")
+                    self._passive.failed(node, err)
+                    return Retry(err)
+                await relay(resp, send, out.reply_headers, target)
+            except StreamBroken as exc:  # after the first byte: the client was told in-band
+                self._passive.failed(node, exc.error)
+                return DONE
+            except RoleMeshError as exc:  # the body failed before anything was sent
+                self._passive.failed(node, exc)
+                return Retry(exc)
+            finally:
+                resp.release()
+            if resp.status < 500:
+                self._passive.succeeded(node)
+            return DONE
+
+    @contextlib.contextmanager
+    def _slot(self, node: Node) -> Iterator[None]:
+        """Count the request in flight on ``node``; a freed slot wakes one queued request."""
+        node.inflight += 1
+        try:
+            yield
+        finally:
+            node.inflight -= 1
+            if self.queue is not None and len(self.queue):
+                self.queue.wake_one()
+
+    async def _pick(self, tried: list[Node], deadline: float) -> Node:
+        registry = self._registry
+        while True:
+            now = registry.clock()
+            nodes = registry.nodes_for_role(self.role)
+
+            def eligible(n: Node, now: float = now) -> bool:
+                return registry.usable(n, now) and n not in tried
+
+            if self.queue is None:
+                node = self.strategy.choose(nodes, eligible)
+                if node is None:
+                    raise NoUpstreamAvailable(self._none_message(tried))
+                return node
+
+            def has_room(n: Node) -> bool:
+                cap = n.slots_total
+                return eligible(n) and (not cap or n.inflight < cap)
+
+            node = self.strategy.choose(nodes, has_room)
+            if node is not None:
+                return node
+            if not any(eligible(n) for n in nodes):
+                raise NoUpstreamAvailable(self._none_message(tried))
+            await self.queue.wait(deadline, self.role)
+
+    def _none_message(self, tried: list[Node]) -> str:
+        if tried:
+            return (
+                f"no node for role '{self.role}' could take the request "
+                f"(tried {', '.join(n.node_id for n in tried)})"
+            )
+        return f"model '{self.alias}' has no available node: " + self.available()[1]
+
+
+def build_routes(
+    settings: Settings, client: Client, registry: NodeRegistry, health: HealthMonitor, node_keys: KeyRing
+) -> dict[str, Route]:
+    """One route per configured alias."""
+    passive = PassiveHealth(settings.nodes, registry.clock)
+    routes: dict[str, Route] = {}
+    for alias, m in settings.models.items():
+        timeouts = settings.timeouts_for(alias)
+        if isinstance(m, ProxyModel):
+            routes[alias] = FixedRoute(alias, m, timeouts, client, health)
+        else:
+            queue = WaitQueue(m.queue or settings.queue) if m.strategy == "least_busy" else None
+            routes[alias] = DiscoveredRoute(alias, m, timeouts, queue, client, registry, node_keys, passive)
+    return routes

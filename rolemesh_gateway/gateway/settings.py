@@ -1,0 +1,184 @@
+"""Gateway settings: the YAML file named by ``ROLE_MESH_CONFIG``, parsed once, validated strictly.
+
+The file becomes a frozen :class:`Settings` before anything listens. Every problem is reported
+as one :class:`ConfigError` line that names the key path, the bad value and what is allowed.
+``${VAR}`` and ``${VAR:-default}`` in string values are expanded from the environment so that
+secrets can stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from ..common.config import (
+    Closed,
+    HttpUrl,
+    Key,
+    Limits,
+    Name,
+    PositiveSeconds,
+    Probes,
+    Timeouts,
+    TimeoutsOverride,
+    expanded_mapping,
+    load_yaml,
+    validate,
+)
+from ..common.errors import ConfigError
+from .strategies import STRATEGIES
+
+#: Environment variable naming the config file (the guide's contract).
+CONFIG_ENV = "ROLE_MESH_CONFIG"
+#: Environment variable overriding ``nodes.stale_after_s`` (the guide's contract).
+STALE_ENV = "ROLE_MESH_NODE_STALE_AFTER_S"
+
+
+def check_strategy(value: str) -> str:
+    if value not in STRATEGIES:
+        raise ValueError(f"is not a known strategy; allowed: {', '.join(STRATEGIES)}")
+    return value
+
+
+class QueueSettings(Closed):
+    """Waiting room for requests when every node of a role is at capacity."""
+
+    max_size: Annotated[int, Field(ge=0)] = 100
+    max_wait_s: PositiveSeconds = 30.0
+
+
+class ProxyModel(Closed):
+    """An alias served by one fixed upstream URL."""
+
+    type: Literal["proxy"]
+    openai_model_name: Name | None = None
+    proxy_url: HttpUrl
+    upstream_model: str | None = None
+    health_path: str = "/health"
+    timeouts: TimeoutsOverride | None = None
+
+
+class DiscoveredModel(Closed):
+    """An alias served by whichever registered nodes carry ``role`` and are fresh."""
+
+    type: Literal["discovered"]
+    openai_model_name: Name | None = None
+    role: Name
+    strategy: Annotated[str, AfterValidator(check_strategy)] = "round_robin"
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    timeouts: TimeoutsOverride | None = None
+    queue: QueueSettings | None = None
+
+
+ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type")]
+
+
+class AuthSettings(Closed):
+    client_api_keys: tuple[Key, ...] = ()
+    node_api_keys: tuple[Key, ...] = ()
+
+    @model_validator(mode="after")
+    def _keys_disjoint(self) -> AuthSettings:
+        if set(self.client_api_keys) & set(self.node_api_keys):
+            raise ValueError("a key may not be both a client key and a node key")
+        return self
+
+
+class NodeSettings(Closed):
+    """Node registry behaviour; ``stale_after_s`` is overridden by ROLE_MESH_NODE_STALE_AFTER_S."""
+
+    stale_after_s: PositiveSeconds = 30.0
+    evict_after_s: PositiveSeconds = 3600.0
+    max_nodes: Annotated[int, Field(gt=0)] = 10000
+    #: Consecutive failures before a node is ejected, and how long the ejection lasts.
+    eject_after_failures: Annotated[int, Field(ge=1)] = 3
+    eject_for_s: PositiveSeconds = 10.0
+
+
+class RegistrySettings(Closed):
+    """Where nodes are kept: ``memory`` (one gateway) or ``redis`` (shared by several)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    key_prefix: Name = "rolemesh"
+    sync_interval_s: PositiveSeconds = 0.5
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> RegistrySettings:
+        if self.backend == "redis":
+            scheme = (self.redis_url or "").split("://", 1)[0]
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("backend 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
+        return self
+
+
+class Settings(Closed):
+    """The whole gateway configuration (``version: 1``)."""
+
+    version: Literal[1]
+    default_model: str
+    auth: AuthSettings = AuthSettings()
+    models: Annotated[dict[Name, ModelConfig], Field(min_length=1)]
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    probes: Probes = Probes()
+    nodes: NodeSettings = NodeSettings()
+    registry: RegistrySettings = RegistrySettings()
+    queue: QueueSettings = QueueSettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        names: dict[str, str] = {}
+        for alias, model in self.models.items():
+            for name in {alias, model.openai_model_name or alias}:
+                other = names.setdefault(name, alias)
+                if other != alias:
+                    raise ValueError(
+                        f"model name '{name}' is used by both '{other}' and '{alias}'; "
+                        "aliases and openai_model_name values must be unique"
+                    )
+        if self.default_model not in names:
+            raise ValueError(
+                f"default_model '{self.default_model}' names no alias; allowed: {', '.join(self.models)}"
+            )
+        return self
+
+    def advertised_name(self, alias: str) -> str:
+        return self.models[alias].openai_model_name or alias
+
+    def timeouts_for(self, alias: str) -> Timeouts:
+        override = self.models[alias].timeouts
+        return override.over(self.timeouts) if override else self.timeouts
+
+
+def parse_settings(data: Any, *, source: str = "config", env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed YAML tree; apply env expansion and env overrides."""
+    env = os.environ if env is None else env
+    data = expanded_mapping(data, source, env, " with version: 1 at the top")
+    stale = env.get(STALE_ENV)
+    if stale is not None and stale != "":
+        try:
+            stale_s = float(stale)
+            if not stale_s > 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{STALE_ENV}: got {stale!r}; must be a number of seconds > 0") from None
+        nodes = dict(data.get("nodes") or {})
+        nodes["stale_after_s"] = stale_s
+        data["nodes"] = nodes
+    return validate(Settings, data, source)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate the config file (``path`` or ``$ROLE_MESH_CONFIG``)."""
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"no config file: set {CONFIG_ENV}=path/to/models.yaml (or pass --config)")
+    return parse_settings(load_yaml(path), source=str(path), env=env)
