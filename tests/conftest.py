@@ -132,17 +132,22 @@ def upstreams() -> Iterator[Callable[..., FakeUpstream]]:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
-    started: list[GatewayProcess] = []
+    """Start gateways: in this process by default, as the guide's uvicorn command if ``process``."""
+    from tests.serve import InProcessGateway
+
+    started: list[GatewayProcess | InProcessGateway] = []
 
     def make(
         config: dict[str, Any] | str,
         env: dict[str, str] | None = None,
         port: int | None = None,
         wait: bool = True,
+        process: bool = False,
     ) -> GatewayProcess:
-        gw = GatewayProcess(config, tmp_path, env, port)
+        gw: GatewayProcess | InProcessGateway
+        gw = GatewayProcess(config, tmp_path, env, port) if process else InProcessGateway(config, env, port)
         started.append(gw)
-        return gw.start(wait)
+        return gw.start(wait)  # type: ignore[return-value]  # the same interface
 
     yield make
     for gw in started:

@@ -21,8 +21,7 @@ import pytest
 
 from tests.agents import AGENT_BIN, AgentProcess
 from tests.conftest import CLIENT_KEY, NODE_KEY, GatewayProcess, wait_until
-from tests.fakes import FakeUpstream, free_port
-from tests.test_agent_supervisor import write_fake_llama_server
+from tests.fakes import FakeUpstream, free_port, write_fake_llama_server
 
 Up = Callable[..., FakeUpstream]
 Gw = Callable[..., GatewayProcess]
@@ -38,7 +37,8 @@ def agent_config(gateway_url: str = "http://127.0.0.1:9", **roles: Any) -> dict[
         "gateway_url": gateway_url,
         "node_key": NODE_KEY,
         "heartbeat_interval_s": INTERVAL_S,
-        "supervisor": {"health_interval_s": 0.2, "health_timeout_s": 1, "backoff_initial_s": 0.1},
+        "supervisor": {"backoff_initial_s": 0.1},
+        "probes": {"interval_s": 0.2, "timeout_s": 1},
         "roles": roles,
     }
 

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from rolemesh_gateway.agent import cli
 from rolemesh_gateway.agent.config import load_config, parse_config
-from rolemesh_gateway.settings import ConfigError
+from rolemesh_gateway.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +32,7 @@ def base(**roles: Any) -> dict[str, Any]:
         "node_id": "gpu-1",
         "gateway_url": "http://127.0.0.1:8000",
         "node_key": "k",
-        "roles": roles or {"planner": {"url": "http://127.0.0.1:8011"}},
+        "roles": roles or {"planner": {"proxy_url": "http://127.0.0.1:8011"}},
     }
 
 
@@ -89,17 +88,17 @@ def test_binary_from_env_then_path(fake_files: dict[str, str]) -> None:
     ("change", "expected"),
     [
         ({"bogus": 1}, "agent.yaml: bogus: unknown key; allowed here: version, node_id, gateway_url"),
-        ({"node_id": "gpu 1"}, "agent.yaml: node_id: got 'gpu 1'; must be 1-128 printable"),
-        ({"gateway_url": "gateway:8000"}, "agent.yaml: gateway_url: got 'gateway:8000'; must be an http://"),
-        ({"port": 70000}, "agent.yaml: port: got 70000; Input should be less than or equal to 65535"),
+        ({"node_id": "gpu 1"}, "agent.yaml: node_id: 'gpu 1' must be 1-128 printable"),
+        ({"gateway_url": "gateway:8000"}, "agent.yaml: gateway_url: 'gateway:8000' must be an http://"),
+        ({"port": 70000}, "agent.yaml: port: got 70000; input should be less than or equal to 65535"),
         (
             {"heartbeat_interval_s": 0},
-            "agent.yaml: heartbeat_interval_s: got 0; Input should be greater than 0",
+            "agent.yaml: heartbeat_interval_s: got 0; input should be greater than 0",
         ),
-        ({"roles": {}}, "agent.yaml: roles: Dictionary should have at least 1 item"),
+        ({"roles": {}}, "agent.yaml: roles: dictionary should have at least 1 item"),
         (
             {"roles": {"bad role": {"url": "http://a"}}},
-            "agent.yaml: roles.bad role: got 'bad role'; each role",
+            "agent.yaml: roles.bad role: 'bad role' must be 1-64 characters",
         ),
         ({"roles": {"p": {}}}, "agent.yaml: roles.p: give exactly one of 'llama_server'"),
         (
@@ -108,15 +107,15 @@ def test_binary_from_env_then_path(fake_files: dict[str, str]) -> None:
         ),
         (
             {"roles": {"p": {"url": "http://a", "x": 1}}},
-            "roles.p.x: unknown key; allowed here: llama_server, url",
+            "roles.p.x: unknown key; allowed here: llama_server, proxy_url",
         ),
         ({"supervisor": {"grace": 1}}, "supervisor.grace: unknown key; allowed here: load_timeout_s"),
         (
-            {"proxy": {"timeouts": {"read_s": 1}}},
-            "proxy.timeouts.read_s: unknown key; allowed here: connect_s",
+            {"timeouts": {"read_s": 1}},
+            "agent.yaml: timeouts.read_s: unknown key; allowed here: connect_s",
         ),
-        ({"version": 2}, "agent.yaml: version: got 2; Input should be 1"),
-        ({"node_id": None}, "agent.yaml: node_id: Input should be a valid string"),
+        ({"version": 2}, "agent.yaml: version: got 2; input should be 1"),
+        ({"node_id": None}, "agent.yaml: node_id: input should be a valid string"),
     ],
 )
 def test_mistakes_are_one_line_with_the_key_path(change: dict[str, Any], expected: str) -> None:
@@ -179,23 +178,6 @@ def test_example_config_is_valid_apart_from_its_placeholder_paths(fake_files: di
     assert cfg.base_url == "http://127.0.0.1:8091"
 
 
-def test_validate_command(fake_files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    good = Path(fake_files["dir"]) / "good.yaml"
-    good.write_text(
-        "node_id: n1\ngateway_url: http://127.0.0.1:8000\nroles:\n"
-        f"  planner: {{llama_server: {{model: m.gguf, binary: {fake_files['binary']}}}}}\n"
-        "  coder: {url: 'http://127.0.0.1:8013'}\n"
-    )
-    assert cli.main(["validate", str(good)]) == 0
-    out = capsys.readouterr().out
-    assert "OK, node n1, 2 roles, listens on 127.0.0.1:8091" in out
-    assert f"planner: llama-server {fake_files['binary']} -m {fake_files['model']}" in out
-    assert "warning: no node_key" in out
-    bad = Path(fake_files["dir"]) / "bad.yaml"
-    bad.write_text("node_id: n1\ngateway_url: http://x\nroles: {p: {urll: 'http://a'}}\n")
-    assert cli.main(["validate", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        f"rolemesh-node-agent: config error: {bad}: roles.p.urll: unknown key; "
-        "allowed here: llama_server, url, upstream_model, health_path"
-    )
+def test_url_is_still_accepted_for_proxy_url() -> None:
+    cfg = parse_config(base(coder={"url": "http://127.0.0.1:8013/"}), env={})
+    assert cfg.roles["coder"].proxy_url == "http://127.0.0.1:8013"

@@ -22,85 +22,10 @@ import pytest
 
 from rolemesh_gateway.agent.config import AgentConfig, parse_config
 from rolemesh_gateway.agent.supervisor import ManagedServer, Supervisor
-from rolemesh_gateway.upstream import UpstreamClient
+from rolemesh_gateway.common.http1 import Client
 from tests.agents import alive
 from tests.conftest import wait_until
-from tests.fakes import free_port
-
-FAKE_LLAMA_SERVER = r'''
-"""A stand-in for llama-server (tests only)."""
-import argparse, json, os, signal, sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-p = argparse.ArgumentParser()
-p.add_argument("-m", required=True)
-p.add_argument("--host", required=True)
-p.add_argument("--port", type=int, required=True)
-p.add_argument("--alias")
-p.add_argument("--load-delay", type=float, default=0.0)
-p.add_argument("--crash", type=int, default=None)
-p.add_argument("--ignore-term", action="store_true")
-p.add_argument("--unhealthy-after", type=float, default=None)
-p.add_argument("--slots", type=int, default=2)
-a = p.parse_args()
-if a.crash is not None:
-    print("error: failed to load model (simulated)", flush=True)
-    sys.exit(a.crash)
-if a.ignore_term:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-started = time.monotonic()
-
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, code, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        age = time.monotonic() - started
-        if self.path == "/health":
-            if age < a.load_delay:
-                return self.reply(503, {"error": {"code": 503, "message": "Loading model"}})
-            if a.unhealthy_after is not None and age > a.unhealthy_after:
-                return self.reply(500, {"error": {"code": 500, "message": "wedged"}})
-            return self.reply(200, {"status": "ok", "argv": sys.argv[1:], "pid": os.getpid()})
-        if self.path == "/slots":
-            return self.reply(200, [{"id": i, "is_processing": i == 0} for i in range(a.slots)])
-        self.reply(404, {"error": {"message": "not found"}})
-
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(n) or b"{}")
-        self.reply(200, {
-            "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"fake llama {os.getpid()}"}}],
-            "headers": dict(self.headers),
-        })
-
-
-print(f"main: server is listening on http://{a.host}:{a.port}", flush=True)
-ThreadingHTTPServer((a.host, a.port), H).serve_forever()
-'''
-
-
-def write_fake_llama_server(directory: Path) -> tuple[Path, Path]:
-    """Write the stand-in and a dummy model file; returns (binary, model)."""
-    binary = directory / "fake-llama-server"
-    binary.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
-    binary.chmod(0o755)
-    model = directory / "tiny.gguf"
-    model.write_bytes(b"GGUF")
-    return binary, model
+from tests.fakes import free_port, write_fake_llama_server
 
 
 def config(tmp_path: Path, *args: str, **supervisor: Any) -> AgentConfig:
@@ -111,7 +36,8 @@ def config(tmp_path: Path, *args: str, **supervisor: Any) -> AgentConfig:
             "node_id": "n1",
             "gateway_url": "http://127.0.0.1:9",
             "roles": {"planner": {"llama_server": spec}},
-            "supervisor": {"backoff_initial_s": 0.1, "health_interval_s": 0.2, **supervisor},
+            "supervisor": {"backoff_initial_s": 0.1, **supervisor},
+            "probes": {"interval_s": 0.2, "timeout_s": 5},
         },
         env={},
     )
@@ -121,8 +47,7 @@ def run(cfg: AgentConfig, body: Callable[[Supervisor], Awaitable[None]]) -> None
     """Start a supervisor for ``cfg``, run ``body`` against it, always stop it."""
 
     async def main() -> None:
-        client = UpstreamClient()
-        await client.start()
+        client = Client()
         sup = Supervisor(cfg, client)
         sup.start()
         try:
@@ -216,9 +141,9 @@ def test_unresponsive_server_is_restarted(tmp_path: Path) -> None:
         s = server(sup)
         await until(lambda: s.ready, 10, "ready")
         await until(lambda: s.restarts >= 1, 10, "restart after failed health checks")
-        assert "stopped answering /health (health answered HTTP 500)" in s.detail
+        assert "stopped answering /health (" in s.detail and "/health answered HTTP 500)" in s.detail
 
-    run(config(tmp_path, "--unhealthy-after", "0.3", unhealthy_after=2), body)
+    run(config(tmp_path, "--unhealthy-after", "0.3", restart_after_failures=2), body)
 
 
 def test_stop_sends_term_then_kill_after_grace(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def test_guide_registration_call_verbatim_then_routing(upstreams: Up, gateway: G
     node = upstreams("gpu-box-1")
     cfg = discovered_config()
     cfg["auth"]["node_api_keys"] = ["<node-key>"]
-    gw = gateway(cfg)
+    gw = gateway(cfg, process=True)  # the guide's uvicorn command, as a process
     # The guide's call with GATEWAY:8000 -> our host:port and the node's URL -> the fake node.
     cmd = f"""curl -sS -X POST http://127.0.0.1:{gw.port}/v1/nodes/register \\
 -H 'Content-Type: application/json' \\

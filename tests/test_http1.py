@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rolemesh_gateway.errors import UpstreamFailed, UpstreamTimeout
-from rolemesh_gateway.http1 import Client, UpstreamUnreachable, _origin, split_url
-from rolemesh_gateway.settings import Timeouts
+from rolemesh_gateway.common.config import Timeouts
+from rolemesh_gateway.common.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
+from rolemesh_gateway.common.http1 import Client, _origin, split_url
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -221,7 +221,7 @@ def test_a_body_that_ends_with_the_connection_still_times_out() -> None:
 
 def test_connect_errors_are_unreachable() -> None:
     async def go(client: Client) -> None:
-        with pytest.raises(UpstreamUnreachable, match="cannot connect to upstream dead"):
+        with pytest.raises(UpstreamUnreachable, match="cannot connect to dead"):
             await client.open("POST", "http://127.0.0.1:9/x", [], b"{}", Timeouts(), "dead")
         with pytest.raises(UpstreamUnreachable, match="bad upstream URL"):
             await client.open("POST", "ftp://127.0.0.1:9/x", [], b"{}", Timeouts(), "odd")
@@ -364,8 +364,8 @@ def test_origin_host_and_host_header() -> None:
 # -- https --------------------------------------------------------------------------------
 _TLS_CHILD = """
 import asyncio, sys
-from rolemesh_gateway.http1 import Client
-from rolemesh_gateway.settings import Timeouts
+from rolemesh_gateway.common.config import Timeouts
+from rolemesh_gateway.common.http1 import Client
 
 async def main():
     client = Client()
@@ -431,7 +431,7 @@ def test_https_verifies_certificates_and_honours_ssl_cert_file(tmp_path: Path) -
 
         base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}
         refused = await child(base)
-        assert refused.startswith("ERROR cannot connect to upstream tls") and "CERTIFICATE" in refused.upper()
+        assert refused.startswith("ERROR cannot connect to tls") and "CERTIFICATE" in refused.upper()
         assert await child({**base, "SSL_CERT_FILE": str(cert)}) == "200 secret"
         server.close()
         await server.wait_closed()

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from rolemesh_gateway.protocol import HeartbeatRequest, RegisterRequest
-from rolemesh_gateway.registry import MemoryRegistry, RegistryFull
+from rolemesh_gateway.common.errors import RegistryFull
+from rolemesh_gateway.common.protocol import HeartbeatRequest, RegisterRequest
+from rolemesh_gateway.gateway.registry import MemoryRegistry
 
 
 class Clock:
@@ -31,9 +32,9 @@ def test_register_is_idempotent_and_updates() -> None:
     r = reg(clock)
 
     async def go() -> None:
-        node, new = await r.register(req("a", "writer"), 0)
+        node, new = await r.register(req("a", "writer"), "key-1")
         assert new and r.nodes_for_role("writer") == (node,)
-        same, new = await r.register(req("a", "planner", url="http://10.0.0.2:1"), 0)
+        same, new = await r.register(req("a", "planner", url="http://10.0.0.2:1"), None)
         assert same is node and not new
         assert node.base_url == "http://10.0.0.2:1"
         assert r.nodes_for_role("writer") == () and r.nodes_for_role("planner") == (node,)
@@ -46,12 +47,13 @@ def test_freshness_heartbeat_and_eviction() -> None:
     r = reg(clock)
 
     async def go() -> None:
-        node, _ = await r.register(req("a", "writer"), 0)
-        assert r.count_for_role("writer") == (1, 0)
+        node, _ = await r.register(req("a", "writer"), None)
+        assert r.count_for_role("writer") == {"fresh": 1, "stale": 0, "ejected": 0}
         clock.now += 31
-        assert not r.is_fresh(node) and r.count_for_role("writer") == (0, 1)
+        assert r.state(node, clock.now) == "stale"
+        assert r.count_for_role("writer") == {"fresh": 0, "stale": 1, "ejected": 0}
         hb = await r.heartbeat(HeartbeatRequest(node_id="a", slots_total=4, slots_busy=1))
-        assert hb is node and r.is_fresh(node) and node.slots_total == 4
+        assert hb is node and r.usable(node, clock.now) and node.slots_total == 4
         assert await r.heartbeat(HeartbeatRequest(node_id="zz")) is None
         clock.now += 301
         assert await r.sweep() == ["a"]
@@ -64,12 +66,12 @@ def test_registry_is_bounded() -> None:
     r = reg(Clock(), max_nodes=2)
 
     async def go() -> None:
-        await r.register(req("a", "w"), 0)
-        await r.register(req("b", "w"), 0)
+        await r.register(req("a", "w"), None)
+        await r.register(req("b", "w"), None)
         with pytest.raises(RegistryFull):
-            await r.register(req("c", "w"), 0)
-        await r.register(req("a", "w"), 0)  # re-registering an existing node still works
+            await r.register(req("c", "w"), None)
+        await r.register(req("a", "w"), None)  # re-registering an existing node still works
         assert await r.deregister("a") and not await r.deregister("a")
-        await r.register(req("c", "w"), 0)
+        await r.register(req("c", "w"), None)
 
     asyncio.run(go())

@@ -134,7 +134,8 @@ def test_shared_registry_survives_gateway_restart(redis_url: str, upstreams: Up,
 
 
 def test_bad_redis_url_is_a_config_error() -> None:
-    from rolemesh_gateway.settings import ConfigError, parse_settings
+    from rolemesh_gateway.common.errors import ConfigError
+    from rolemesh_gateway.gateway.settings import parse_settings
 
     cfg = shared_config("http://nope")
     with pytest.raises(ConfigError, match="registry: backend 'redis' needs redis_url"):

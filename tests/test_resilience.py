@@ -123,6 +123,7 @@ def chat(c: httpx.Client, **body: Any) -> httpx.Response:
     return c.post("/v1/chat/completions", json={"model": "writer", "messages": [], **body})
 
 
+@pytest.mark.soak
 def test_kill_one_of_three_nodes_every_10s_under_load(gateway: Gw, nodes: Callable[..., NodeProc]) -> None:
     gw = gateway(config(), env={"ROLE_MESH_NODE_STALE_AFTER_S": "2"})
     fleet = [nodes(gw, f"n{i}", args=("--delay", "0.02")) for i in range(3)]
@@ -182,7 +183,8 @@ def test_node_killed_mid_stream_ends_with_sse_error_quickly(
                 node.kill()
                 killed_at = time.monotonic()
     closed_after = time.monotonic() - killed_at
-    assert killed_at and closed_after < 1.0
+    # Told as soon as the node dies, not after the idle limit (2 s) or the stream's end (4.7 s).
+    assert killed_at and closed_after < 2.0
     assert lines[-1].startswith('data: {"error"')
     assert "upstream_" in lines[-1]
 
@@ -190,7 +192,9 @@ def test_node_killed_mid_stream_ends_with_sse_error_quickly(
 def test_frozen_node_times_out_then_traffic_moves_and_it_goes_stale(
     gateway: Gw, nodes: Callable[..., NodeProc]
 ) -> None:
-    gw = gateway(config(), env={"ROLE_MESH_NODE_STALE_AFTER_S": "3"})
+    cfg = config()
+    cfg["timeouts"]["first_byte_s"] = 3
+    gw = gateway(cfg, env={"ROLE_MESH_NODE_STALE_AFTER_S": "3"})
     good = nodes(gw, "good")
     frozen = nodes(gw, "frozen")
     frozen.signal(signal.SIGSTOP)
@@ -202,20 +206,20 @@ def test_frozen_node_times_out_then_traffic_moves_and_it_goes_stale(
             r = chat(c)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hello from good"
             slow.append(time.monotonic() - t0)
-        # Requests that went to the frozen node first waited out first_byte_s (1 s), then moved.
-        assert max(slow) >= 0.9
+        # Requests that went to the frozen node first waited out first_byte_s (3 s), then moved.
+        assert max(slow) >= 2.9
         wait_until(
             lambda: (
                 {n["node_id"]: n["status"] for n in c.get("/v1/nodes").json()["data"]}["frozen"] == "stale"
             ),
-            6,
+            10,
             "frozen node to go stale",
         )
         assert time.monotonic() - frozen_at >= 2.5
         t0 = time.monotonic()
         for _ in range(4):
             assert chat(c).status_code == 200
-        assert time.monotonic() - t0 < 1.0  # stale: no more detours
+        assert time.monotonic() - t0 < 2.9  # stale: not one detour of first_byte_s (3 s)
     del good
 
 
@@ -340,7 +344,7 @@ def test_network_partition_node_goes_stale_traffic_moves_and_returns(
         [
             sys.executable,
             "-m",
-            "rolemesh_gateway.cli",
+            "rolemesh_gateway.gateway.cli",
             "--config",
             str(gw.config_path),
             "--host",

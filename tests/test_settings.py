@@ -8,14 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from rolemesh_gateway.settings import (
-    ConfigError,
-    DiscoveredModel,
-    ProxyModel,
-    is_loopback,
-    load_settings,
-    parse_settings,
-)
+from rolemesh_gateway.common.config import is_loopback
+from rolemesh_gateway.common.errors import ConfigError
+from rolemesh_gateway.gateway.settings import DiscoveredModel, ProxyModel, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rolemesh_gateway.upstream import (
+from rolemesh_gateway.common.relay import (
     response_headers,
     upstream_headers,
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, bind_guard, fail, merged, run_cli, run_server, serve_options
+from ..common.cli import STARTUP_FAILURE, bind, bind_guard, fail, merged, run_cli, run_server, serve_options
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
@@ -125,13 +125,18 @@ def serve(
         fail(PROGRAM, f"config error: {exc}")
     bind_guard(PROGRAM, cfg.host, cfg.node_key is not None, "node_key", allow_insecure_bind)
 
+    # Bound before any llama-server starts: a busy port fails fast and clean. With port 0 the
+    # port is known only now, and the gateway must be told the real one.
+    sock = bind(PROGRAM, cfg.host, cfg.port)
+    if cfg.port == 0:
+        cfg = cfg.model_copy(update={"port": sock.getsockname()[1]})
+
     from .app import create_app
 
     return run_server(
         PROGRAM,
         create_app(cfg),
-        cfg.host,
-        cfg.port,
+        sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),

@@ -104,7 +104,7 @@ class AgentConfig(Closed):
     gateway_url: HttpUrl
     node_key: Key | None = None
     host: Annotated[str, Field(min_length=1)] = DEFAULT_HOST
-    port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_PORT
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT  # 0: a free one, picked at start
     advertise_url: HttpUrl | None = None
     heartbeat_interval_s: PositiveSeconds = 10.0
     gateway_timeout_s: PositiveSeconds = 5.0

@@ -9,6 +9,7 @@ same way: the socket is bound first (a busy port fails at once, before any start
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -117,20 +118,35 @@ def bind_guard(program: str, host: str, protected: bool, keys_hint: str, allow: 
     )
 
 
+def bind(program: str, host: str, port: int) -> socket.socket:
+    """Bind the listening socket now (``port`` 0 picks a free one); exit cleanly if we cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        fail(program, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    # Children (llama-server) must not inherit the listening socket.
+    sock.set_inheritable(False)
+    return sock
+
+
 def run_server(
     program: str,
     app: Any,
-    host: str,
-    port: int,
+    sock: socket.socket,
     log_level: str | None,
     graceful_s: int,
     access_log: bool,
 ) -> int:
-    """Bind ``host:port``, then run ``app`` under uvicorn (uvloop + httptools) until stopped."""
+    """Run ``app`` under uvicorn (uvloop + httptools) on a bound socket until stopped."""
     import uvicorn
 
     level = (log_level or "info").lower()
     setup_logging(level)
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app,
         host=host,
@@ -145,15 +161,7 @@ def run_server(
         timeout_graceful_shutdown=graceful_s,
     )
     server = uvicorn.Server(config)
-    try:
-        sock = config.bind_socket()
-    except SystemExit:  # uvicorn logged why (address in use, permission denied)
-        return STARTUP_FAILURE
-    # uvicorn marks it inheritable (for its workers); children (llama-server) must not hold it.
-    sock.set_inheritable(False)
-    bound = sock.getsockname()
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    log.info("%s listening on http://%s:%d", program, shown, bound[1])
+    log.info("%s listening on http://%s:%d", program, f"[{host}]" if ":" in host else host, port)
     server.run(sockets=[sock])
     return 0 if server.started else 1
 

@@ -175,8 +175,13 @@ def validate(model: type[M], data: dict[str, Any], source: str) -> M:
 
 
 def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
-    """The first problem of a validation error as ``key.path: what is wrong``."""
-    err = exc.errors(include_url=False)[0]
+    """The first problem of a validation error as ``key.path: what is wrong``.
+
+    An unknown key goes first: it is usually a typo, and the "missing" error pydantic also
+    reports for the key meant is then explained by it.
+    """
+    errors = exc.errors(include_url=False)
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -193,6 +198,7 @@ def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
         return f"{path}.{tag}: got {got!r}; allowed: {allowed}"
     if not path:  # a check across keys: its message names them
         return msg
+    msg = msg[:1].lower() + msg[1:]  # it follows "path: " now
     if kind == "extra_forbidden":
         allowed_keys = list(holder.model_fields) if _is_model(holder) else []
         hint = f"; allowed here: {', '.join(allowed_keys)}" if allowed_keys else ""
@@ -203,8 +209,6 @@ def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
         return f"{path}: {msg}"
     if kind == "value_error":
         return f"{path}: {value!r} {msg}"
-    if kind == "literal_error":
-        msg = msg[0].lower() + msg[1:]
     return f"{path}: got {value!r}; {msg}"
 
 

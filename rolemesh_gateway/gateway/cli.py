@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, bind_guard, fail, merged, run_cli, run_server, serve_options
+from ..common.cli import STARTUP_FAILURE, bind, bind_guard, fail, merged, run_cli, run_server, serve_options
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
@@ -116,13 +116,14 @@ def serve(
         PROGRAM, host, bool(settings.auth.client_api_keys), "auth.client_api_keys", allow_insecure_bind
     )
 
+    sock = bind(PROGRAM, host, DEFAULT_PORT if port is None else port)
+
     from .app import create_app
 
     return run_server(
         PROGRAM,
         create_app(settings),
-        host,
-        DEFAULT_PORT if port is None else port,
+        sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),

@@ -66,7 +66,8 @@ def agent_config(gateway_url: str, binary: str, model: Path) -> dict[str, Any]:
         "gateway_url": gateway_url,
         "node_key": NODE_KEY,
         "heartbeat_interval_s": HEARTBEAT_S,
-        "supervisor": {"health_interval_s": 1, "backoff_initial_s": 0.5, "stop_grace_s": 5},
+        "supervisor": {"backoff_initial_s": 0.5, "stop_grace_s": 5},
+        "probes": {"interval_s": 1, "timeout_s": 5},
         "roles": {"planner": {"llama_server": spec}, "writer": {"llama_server": spec}},
     }
 

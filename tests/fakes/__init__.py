@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 import json
 import socket
 import threading
@@ -185,3 +187,16 @@ class FakeUpstream:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop = None
+
+
+LLAMA_SERVER_STANDIN = Path(__file__).with_name("llama_server.py")
+
+
+def write_fake_llama_server(directory: Path) -> tuple[Path, Path]:
+    """An executable stand-in for llama-server and a dummy model file: ``(binary, model)``."""
+    binary = directory / "fake-llama-server"
+    binary.write_text(f'#!/bin/sh\nexec {sys.executable} {LLAMA_SERVER_STANDIN} "$@"\n')
+    binary.chmod(0o755)
+    model = directory / "tiny.gguf"
+    model.write_bytes(b"GGUF")
+    return binary, model

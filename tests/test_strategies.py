@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from rolemesh_gateway.routing import STRATEGIES, LeastBusy, Random, RoundRobin, make_strategy
+from rolemesh_gateway.gateway.strategies import STRATEGIES, LeastBusy, Random, RoundRobin, make_strategy
 
 
 def test_round_robin_is_exact_and_skips_ineligible() -> None:

@@ -265,7 +265,7 @@ def test_bad_config_stops_uvicorn_and_cli_before_listening(
         timeout=30,
     )
     cli = subprocess.run(
-        [sys.executable, "-m", "rolemesh_gateway.cli", "--config", str(cfg), "--port", str(port)],
+        [sys.executable, "-m", "rolemesh_gateway.gateway.cli", "--config", str(cfg), "--port", str(port)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -298,7 +298,7 @@ def test_client_disconnect_cancels_upstream_request(upstreams: Up, gateway: Gw) 
 
 
 def test_stream_silent_for_idle_s_ends_with_sse_error(upstreams: Up, gateway: Gw) -> None:
-    up = upstreams("writer", chunks=3, chunk_interval_s=3)
+    up = upstreams("writer", chunks=3, chunk_interval_s=6)
     cfg = proxy_config(writer=up.url)
     cfg["timeouts"] = {"first_byte_s": 10, "idle_s": 0.5}
     gw = gateway(cfg)
@@ -308,15 +308,15 @@ def test_stream_silent_for_idle_s_ends_with_sse_error(upstreams: Up, gateway: Gw
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line]
     elapsed = time.monotonic() - t0
-    # One chunk, then silence: the idle limit (not first_byte_s, not the upstream's 3 s) ends it.
+    # One chunk, then silence: the idle limit (not first_byte_s, not the upstream's 6 s) ends it.
     assert len(events) == 2 and '"t0 "' in events[0]
     assert events[1].startswith('data: {"error"') and "upstream_timeout" in events[1]
-    assert 0.4 < elapsed < 2.0
+    assert 0.4 < elapsed < 4.0
 
 
 def test_large_bodies_flow_through_and_a_cut_body_never_looks_whole(upstreams: Up, gateway: Gw) -> None:
     size = 12 * 1024 * 1024  # over the 4 MiB the gateway reads whole before answering
-    up = upstreams("writer", big_body=size, chunk_interval_s=1.0)
+    up = upstreams("writer", big_body=size, chunk_interval_s=4.0)
     gw = gateway(proxy_config(writer=up.url))
     with gw.client() as c:
         t0 = time.monotonic()
@@ -327,8 +327,8 @@ def test_large_bodies_flow_through_and_a_cut_body_never_looks_whole(upstreams: U
             for chunk in r.iter_bytes():
                 first_at = first_at or time.monotonic() - t0
                 got += len(chunk)
-        # The first half reached the client while the upstream was still pausing.
-        assert first_at < 0.9 and got == size
+        # The first half reached the client while the upstream was still pausing (4 s).
+        assert first_at < 3.0 and got == size
         up.cut_body = True
         with (
             pytest.raises(httpx.RemoteProtocolError),

@@ -1,0 +1,104 @@
+"""``rolemesh-node-agent``: validate explains; options, env vars and the bind check."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rolemesh_gateway.agent import cli
+from tests.cli_helpers import listening_port
+
+
+@pytest.fixture
+def fake_files(tmp_path: Path) -> dict[str, str]:
+    """A model file and an executable that stand in for a GGUF and llama-server."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    return {"model": str(model), "binary": str(binary), "dir": str(tmp_path)}
+
+
+def test_validate_command(fake_files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    good = Path(fake_files["dir"]) / "good.yaml"
+    good.write_text(
+        "node_id: n1\ngateway_url: http://127.0.0.1:8000\nroles:\n"
+        f"  planner: {{llama_server: {{model: m.gguf, binary: {fake_files['binary']}}}}}\n"
+        "  coder: {url: 'http://127.0.0.1:8013'}\n"
+    )
+    assert cli.main(["validate", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, node n1, 2 roles, listens on 127.0.0.1:8091" in out
+    assert f"planner: llama-server {fake_files['binary']} -m {fake_files['model']}" in out
+    assert "warning: no node_key" in out
+    bad = Path(fake_files["dir"]) / "bad.yaml"
+    bad.write_text("node_id: n1\ngateway_url: http://x\nroles: {p: {urll: 'http://a'}}\n")
+    assert cli.main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"rolemesh-node-agent: config error: {bad}: roles.p.urll: unknown key; "
+        "allowed here: llama_server, proxy_url, upstream_model, health_path"
+    )
+
+
+def test_config_given_before_validate_and_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(URL_ROLE)
+    assert cli.main(["--config", str(cfg), "validate"]) == 0
+    assert "OK, node n1, 1 roles" in capsys.readouterr().out
+    monkeypatch.setenv("ROLE_MESH_AGENT_CONFIG", str(cfg))
+    assert cli.main(["validate"]) == 0
+    monkeypatch.delenv("ROLE_MESH_AGENT_CONFIG")
+    assert cli.main(["validate"]) == 2
+    assert (
+        "no config file: pass --config agent.yaml (or set ROLE_MESH_AGENT_CONFIG)" in capsys.readouterr().err
+    )
+
+
+def test_log_level_takes_only_valid_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(URL_ROLE)
+    assert cli.main(["--log-level", "loud", "--config", str(cfg), "validate"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--log-level'" in err and "Traceback" not in err
+
+
+def test_help_shows_defaults_and_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("default: 10", "ROLE_MESH_AGENT_CONFIG", "ROLE_MESH_AGENT_PORT", "ROLE_MESH_LOG_LEVEL"):
+        assert text in out
+    assert cli.main(["--version"]) == 0
+    assert re.fullmatch(r"rolemesh-node-agent \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+URL_ROLE = "node_id: n1\ngateway_url: http://127.0.0.1:9\nroles: {p: {proxy_url: 'http://127.0.0.1:9'}}\n"
+
+
+def test_port_zero_means_a_free_port(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(URL_ROLE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rolemesh_gateway.agent.cli", "--port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ROLE_MESH_AGENT_CONFIG": str(cfg)},
+    )
+    try:
+        port = listening_port(proc)
+        assert port not in (0, 8091)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["node_id"] == "n1"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
