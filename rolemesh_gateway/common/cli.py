@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import INSECURE_ENV, LOG_LEVELS, is_loopback
-from .logs import setup_logging
+from .config import INSECURE_ENV, is_loopback
+from .logs import LOG_LEVEL_ENV, LOG_LEVELS, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +55,7 @@ def serve_options(env_prefix: str, default_port: int | None, default_graceful_s:
             ),
             click.option(
                 "--log-level",
-                envvar="ROLE_MESH_LOG_LEVEL",
+                envvar=LOG_LEVEL_ENV,
                 type=click.Choice(LOG_LEVELS, case_sensitive=False),
                 default=None,
                 show_envvar=True,

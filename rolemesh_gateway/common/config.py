@@ -75,8 +75,6 @@ HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 Name = Annotated[str, AfterValidator(check_name)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Key = Annotated[str, Field(min_length=1), AfterValidator(check_header_value)]
-LogLevel = Literal["critical", "error", "warning", "info", "debug"]
-LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
 
 class Timeouts(Closed):
