@@ -97,8 +97,8 @@ async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
     total = len(body)
     while message.get("more_body", False):
         message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+        if message["type"] == "http.disconnect":  # never forward a cut request as a whole one
+            raise BadRequest("the client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:

@@ -192,8 +192,9 @@ def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tag = str(err.get("ctx", {}).get("discriminator", "type")).strip("'")
         got = value.get(tag) if isinstance(value, dict) else value
-        allowed = str(err.get("ctx", {}).get("expected_tags", "")).replace("'", "")
-        return f"{path}.{tag}: got {got!r}; allowed: {allowed}"
+        members = _walk(root, loc)[0]
+        tags = [t for m in (members if isinstance(members, tuple) else ()) for t in _tags(m, tag)]
+        return f"{path}.{tag}: got {got!r}; allowed: {', '.join(tags)}"
     if not path:  # a check across keys: its message names them
         return msg
     msg = msg[:1].lower() + msg[1:]  # it follows "path: " now
@@ -249,6 +250,14 @@ def _walk(tp: Any, loc: tuple[Any, ...]) -> tuple[Any, list[str]]:
         else:
             tp = None
     return _unwrap(tp), shown
+
+
+def _tags(model: Any, field_name: str) -> list[str]:
+    """The values a tagged-union member's discriminator field accepts."""
+    field = model.model_fields.get(field_name) if _is_model(model) else None
+    if field is None or get_origin(field.annotation) is not Literal:
+        return []
+    return [str(v) for v in get_args(field.annotation)]
 
 
 def _has_tag(model: type[BaseModel], tag: object) -> bool:

@@ -31,19 +31,19 @@ class TaskOwner:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s died", task.get_name(), exc_info=task.exception())
 
-    @property
-    def names(self) -> list[str]:
-        return [t.get_name() for t in self._tasks if not t.done()]
-
     async def stop(self) -> None:
+        """Cancel every task, newest first, and wait for each; our own cancellation goes on."""
         tasks, self._tasks = self._tasks[::-1], []
         for task in tasks:
             task.cancel()
+        me = asyncio.current_task()
         for task in tasks:
             try:
                 await task
             except asyncio.CancelledError:
-                if not task.cancelled():  # we were cancelled ourselves
+                # The task's own cancellation is expected; ours (a timeout around stop(), a
+                # second Ctrl-C) must reach our caller.
+                if me is not None and me.cancelling():
                     raise
             except Exception:  # already reported by _report
                 pass

@@ -35,7 +35,7 @@ class StatusAPI:
 
     async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
         """200 when the default alias can serve now, else 503 with the reason."""
-        alias = self._settings.default_model
+        alias = self._settings.default_alias
         ok, reason = self._routes[alias].available()
         if ok:
             await send_json(send, 200, {"status": "ready", "default_model": alias})

@@ -31,7 +31,7 @@ class Inference:
     def __init__(self, settings: Settings, routes: dict[str, Route], guard: Guard) -> None:
         self._routes = routes
         self._guard = guard
-        self._default = settings.default_model
+        self._default = settings.default_alias
         self._max_body = settings.limits.max_body_bytes
         #: Every name a client may use for an alias (its key and its openai_model_name).
         self._names = {

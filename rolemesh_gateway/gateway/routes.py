@@ -119,7 +119,13 @@ class FixedRoute(Route):
 
 
 class WaitQueue:
-    """FIFO of requests waiting for a free slot on a role; bounded in size and wait."""
+    """FIFO of requests waiting for a free slot on a role; bounded in size and wait.
+
+    One queue per role, shared by every alias of the role, since slots belong to nodes. A
+    waiter is woken when a request on the role frees a slot, and looks again every
+    :data:`RECHECK_S` in any case (a node joined, came back, or reported more slots), keeping
+    its place in the line.
+    """
 
     def __init__(self, settings: QueueSettings) -> None:
         self.max_size = settings.max_size
@@ -129,34 +135,43 @@ class WaitQueue:
     def __len__(self) -> int:
         return len(self._waiters)
 
-    async def wait(self, deadline: float, role: str) -> None:
-        """Wait until :meth:`wake_one` picks this request, or raise QueueFull / QueueTimeout."""
-        if len(self._waiters) >= self.max_size:
-            raise QueueFull(
-                f"all nodes for role '{role}' are busy and {self.max_size} requests are already "
-                "waiting (queue.max_size); retry later"
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise QueueTimeout(self._timeout_message(role))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            async with asyncio.timeout(remaining):
-                await fut
-        except TimeoutError:
-            raise QueueTimeout(self._timeout_message(role)) from None
-        finally:
-            if not fut.done():
-                fut.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
+    async def wait(
+        self, ticket: asyncio.Future[None] | None, deadline: float, role: str
+    ) -> asyncio.Future[None]:
+        """Wait for a turn; returns the ticket to pass again, and to :meth:`leave` at the end.
 
-    def _timeout_message(self, role: str) -> str:
-        return (
-            f"waited {self.max_wait_s:g}s for a free slot on role '{role}' (queue.max_wait_s); "
-            "all nodes stayed busy"
-        )
+        Raises QueueFull when the line is full, QueueTimeout when ``deadline`` passed.
+        """
+        if ticket is None:
+            if len(self._waiters) >= self.max_size:
+                raise QueueFull(
+                    f"all nodes for role '{role}' are busy and {self.max_size} requests are already "
+                    "waiting (queue.max_size); retry later"
+                )
+            ticket = asyncio.get_running_loop().create_future()
+            self._waiters.append(ticket)
+        elif ticket.done():  # woken, but the slot went to someone else first: back to the head
+            ticket = asyncio.get_running_loop().create_future()
+            self._waiters.appendleft(ticket)
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            await asyncio.wait({ticket}, timeout=min(remaining, RECHECK_S))
+        if not ticket.done() and time.monotonic() >= deadline:
+            self.leave(ticket)
+            raise QueueTimeout(
+                f"waited {self.max_wait_s:g}s for a free slot on role '{role}' (queue.max_wait_s); "
+                "all nodes stayed busy"
+            )
+        return ticket
+
+    def leave(self, ticket: asyncio.Future[None] | None) -> None:
+        """Give up a place in the line (served, failed, or the client left)."""
+        if ticket is None:
+            return
+        if not ticket.done():
+            ticket.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(ticket)
 
     def wake_one(self) -> None:
         while self._waiters:
@@ -164,6 +179,10 @@ class WaitQueue:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+
+#: How often a queued request looks again for a node with room, even if no slot was freed.
+RECHECK_S = 1.0
 
 
 class PassiveHealth:
@@ -264,7 +283,8 @@ class DiscoveredRoute(Route):
                     raise last from None
                 raise
             tried.append(node)
-            outcome = await self._try(node, out, send, final=attempt == self.max_attempts)
+            final = attempt == self.max_attempts or not self._others_left(tried)
+            outcome = await self._try(node, out, send, final)
             if outcome is DONE:
                 return
             last = outcome.error
@@ -318,29 +338,40 @@ class DiscoveredRoute(Route):
 
     async def _pick(self, tried: list[Node], deadline: float) -> Node:
         registry = self._registry
-        while True:
-            now = registry.clock()
-            nodes = registry.nodes_for_role(self.role)
+        ticket: asyncio.Future[None] | None = None
+        try:
+            while True:
+                now = registry.clock()
+                nodes = registry.nodes_for_role(self.role)
 
-            def eligible(n: Node, now: float = now) -> bool:
-                return registry.usable(n, now) and n not in tried
+                def eligible(n: Node, now: float = now) -> bool:
+                    return registry.usable(n, now) and n not in tried
 
-            if self.queue is None:
-                node = self.strategy.choose(nodes, eligible)
-                if node is None:
+                if self.queue is None:
+                    node = self.strategy.choose(nodes, eligible)
+                    if node is None:
+                        raise NoUpstreamAvailable(self._none_message(tried))
+                    return node
+
+                def has_room(n: Node) -> bool:
+                    cap = n.slots_total
+                    return eligible(n) and (not cap or n.inflight < cap)
+
+                node = self.strategy.choose(nodes, has_room)
+                if node is not None:
+                    return node
+                if not any(eligible(n) for n in nodes):
                     raise NoUpstreamAvailable(self._none_message(tried))
-                return node
+                ticket = await self.queue.wait(ticket, deadline, self.role)
+        finally:
+            if self.queue is not None:
+                self.queue.leave(ticket)
 
-            def has_room(n: Node) -> bool:
-                cap = n.slots_total
-                return eligible(n) and (not cap or n.inflight < cap)
-
-            node = self.strategy.choose(nodes, has_room)
-            if node is not None:
-                return node
-            if not any(eligible(n) for n in nodes):
-                raise NoUpstreamAvailable(self._none_message(tried))
-            await self.queue.wait(deadline, self.role)
+    def _others_left(self, tried: list[Node]) -> bool:
+        """Is there a node not tried yet that could take the request? (only on the failure path)"""
+        registry = self._registry
+        now = registry.clock()
+        return any(registry.usable(n, now) and n not in tried for n in registry.nodes_for_role(self.role))
 
     def _none_message(self, tried: list[Node]) -> str:
         if tried:
@@ -356,12 +387,15 @@ def build_routes(
 ) -> dict[str, Route]:
     """One route per configured alias."""
     passive = PassiveHealth(settings.nodes, registry.clock)
+    queues: dict[str, WaitQueue] = {}  # per role: the first least_busy alias of a role sets its bounds
     routes: dict[str, Route] = {}
     for alias, m in settings.models.items():
         timeouts = settings.timeouts_for(alias)
         if isinstance(m, ProxyModel):
             routes[alias] = FixedRoute(alias, m, timeouts, client, health)
         else:
-            queue = WaitQueue(m.queue or settings.queue) if m.strategy == "least_busy" else None
+            queue = None
+            if m.strategy == "least_busy":
+                queue = queues.setdefault(m.role, WaitQueue(m.queue or settings.queue))
             routes[alias] = DiscoveredRoute(alias, m, timeouts, queue, client, registry, node_keys, passive)
     return routes

@@ -146,6 +146,13 @@ class Settings(Closed):
             )
         return self
 
+    @property
+    def default_alias(self) -> str:
+        """The alias ``default_model`` names (it may name it by its ``openai_model_name``)."""
+        if self.default_model in self.models:
+            return self.default_model
+        return next(a for a in self.models if self.advertised_name(a) == self.default_model)
+
     def advertised_name(self, alias: str) -> str:
         return self.models[alias].openai_model_name or alias
 

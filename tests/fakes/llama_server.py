@@ -5,8 +5,12 @@ while "loading", then 200, and offers ``/slots`` and a chat endpoint. Extra flag
 misbehave: crash at start, ignore SIGTERM, stop answering health checks.
 """
 
-# ruff: noqa: E401, E701, E702
-import argparse, json, os, signal, sys, time
+import argparse
+import json
+import os
+import signal
+import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 p = argparse.ArgumentParser()
