@@ -61,9 +61,13 @@ class InProcessServer:
         )
         server = self._server = uvicorn.Server(config)
         logging.getLogger("rolemesh").addHandler(self._capture)
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(server.serve(sockets=[sock])), name=f"uvicorn-{self.port}", daemon=True
-        )
+
+        def run() -> None:
+            with asyncio.Runner() as runner:
+                self._loop = runner.get_loop()
+                runner.run(server.serve(sockets=[sock]))
+
+        self._thread = threading.Thread(target=run, name=f"uvicorn-{self.port}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not server.started:
@@ -76,7 +80,14 @@ class InProcessServer:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(15)
-            assert not self._thread.is_alive(), "in-process server did not stop"
+            if self._thread.is_alive():
+                import io
+
+                buf = io.StringIO()
+                for task in asyncio.all_tasks(self._loop):
+                    task.print_stack(file=buf)
+                stack = buf.getvalue()
+                raise AssertionError(f"in-process server did not stop; its thread is at:\n{stack}")
         self._server = self._thread = None
         logging.getLogger("rolemesh").removeHandler(self._capture)
 

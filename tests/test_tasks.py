@@ -202,3 +202,23 @@ def test_stop_twice_is_harmless() -> None:
         assert x.cancelled()
 
     run(go())
+
+
+def test_a_periodic_call_that_swallows_cancellation_still_stops() -> None:
+    """redis-py turns a cancel mid-call into its own error; the loop must still end."""
+
+    async def swallows() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("connection lost") from None
+
+    async def go() -> None:
+        owner = TaskOwner()
+        task = owner.every("sync", 0.01, swallows)
+        await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            await owner.stop()
+        assert task.cancelled()
+
+    run(go())

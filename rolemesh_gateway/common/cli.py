@@ -128,6 +128,9 @@ def bind(program: str, host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         fail(program, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    # Listening now: clients that come during start-up wait in the backlog instead of being
+    # refused, and the port printed below already accepts connections.
+    sock.listen(2048)
     # Children (llama-server) must not inherit the listening socket.
     sock.set_inheritable(False)
     return sock

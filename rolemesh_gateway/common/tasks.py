@@ -50,6 +50,7 @@ class TaskOwner:
 
 
 async def _every(name: str, interval_s: float, fn: Callable[[], Awaitable[object]]) -> None:
+    me = asyncio.current_task()
     while True:
         try:
             await fn()
@@ -57,4 +58,8 @@ async def _every(name: str, interval_s: float, fn: Callable[[], Awaitable[object
             raise
         except Exception:
             log.exception("periodic task %s failed; retrying in %.1fs", name, interval_s)
+        # A library that turns our cancellation into its own error (redis-py does, mid-call)
+        # must not keep the loop alive: stop() would wait for it forever.
+        if me is not None and me.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(interval_s)
