@@ -181,3 +181,14 @@ def agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield make
     for a in started:
         a.stop()
+
+
+@pytest.fixture
+def fake_files(tmp_path: Path) -> dict[str, str]:
+    """A model file and an executable that stand in for a GGUF and llama-server (config tests)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    return {"model": str(model), "binary": str(binary), "dir": str(tmp_path)}

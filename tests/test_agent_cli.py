@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,6 @@ import pytest
 
 from rolemesh_gateway.agent import cli
 from tests.cli_helpers import listening_port
-
-
-@pytest.fixture
-def fake_files(tmp_path: Path) -> dict[str, str]:
-    """A model file and an executable that stand in for a GGUF and llama-server."""
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    binary = tmp_path / "llama-server"
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    return {"model": str(model), "binary": str(binary), "dir": str(tmp_path)}
 
 
 def test_validate_command(fake_files: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

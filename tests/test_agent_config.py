@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,6 @@ from rolemesh_gateway.agent.config import load_config, parse_config
 from rolemesh_gateway.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def fake_files(tmp_path: Path) -> dict[str, str]:
-    """A model file and an executable that stand in for a GGUF and llama-server."""
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    binary = tmp_path / "llama-server"
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    return {"model": str(model), "binary": str(binary), "dir": str(tmp_path)}
 
 
 def base(**roles: Any) -> dict[str, Any]:

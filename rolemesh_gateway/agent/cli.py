@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, bind, bind_guard, fail, merged, run_cli, run_server, serve_options
+from ..common.cli import STARTUP_FAILURE, Program, bind, bind_guard, fail, make_cli, run_cli, run_server
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
@@ -23,51 +22,6 @@ from .config import AGENT_CONFIG_ENV, AgentConfig, load_config
 PROGRAM = "rolemesh-node-agent"
 #: Shorter than the gateway's: the agent's own shutdown (deregister, stop children) follows.
 DEFAULT_GRACEFUL_S = 10
-
-_config_option = click.option(
-    "--config",
-    "config",
-    envvar=AGENT_CONFIG_ENV,
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="The agent's YAML config file (required).",
-)
-
-
-@click.group(
-    invoke_without_command=True,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-)
-@click.version_option(__version__, "--version", prog_name=PROGRAM, message="%(prog)s %(version)s")
-@_config_option
-@serve_options("ROLE_MESH_AGENT", None, DEFAULT_GRACEFUL_S)
-@click.pass_context
-def cli(ctx: click.Context, /, **options: Any) -> None:
-    """Run llama-server processes for a RoleMesh gateway and serve them by role.
-
-    Without a command it serves (the same as 'serve').
-    """
-    if ctx.invoked_subcommand is None:
-        sys.exit(serve(**options))
-
-
-@cli.command("serve")
-@_config_option
-@serve_options("ROLE_MESH_AGENT", None, DEFAULT_GRACEFUL_S)
-@click.pass_context
-def serve_command(ctx: click.Context, /, **options: Any) -> None:
-    """Run the agent (the default command)."""
-    sys.exit(serve(**merged(ctx, options)))
-
-
-@cli.command("validate")
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
-@click.pass_context
-def validate_command(ctx: click.Context, file: str | None) -> None:
-    """Check a config file (FILE, else --config, else $ROLE_MESH_AGENT_CONFIG) and explain what is wrong."""
-    parent = ctx.parent.params if ctx.parent is not None else {}
-    sys.exit(validate(file or parent.get("config")))
 
 
 def _summary(path: str, cfg: AgentConfig) -> str:
@@ -141,6 +95,22 @@ def serve(
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
     )
+
+
+cli = make_cli(
+    Program(
+        name=PROGRAM,
+        help="Run llama-server processes for a RoleMesh gateway and serve them by role.",
+        version=__version__,
+        config_env=AGENT_CONFIG_ENV,
+        config_help="The agent's YAML config file (required).",
+        env_prefix="ROLE_MESH_AGENT",
+        default_port=None,
+        default_graceful_s=DEFAULT_GRACEFUL_S,
+        serve=serve,
+        validate=validate,
+    )
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -98,6 +99,66 @@ def merged(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
     values = dict(ctx.parent.params) if ctx.parent is not None else {}
     values.update({k: v for k, v in given.items() if v is not None})
     return values
+
+
+@dataclass(frozen=True)
+class Program:
+    """What differs between the two command lines; :func:`make_cli` builds the same shape."""
+
+    name: str
+    help: str
+    version: str
+    config_env: str
+    config_help: str
+    env_prefix: str
+    default_port: int | None
+    default_graceful_s: int
+    serve: Callable[..., int]
+    validate: Callable[[str | None], int]
+
+
+def make_cli(p: Program) -> click.Group:
+    """``PROGRAM [OPTIONS] [serve [OPTIONS] | validate [FILE]]``; serving is the default."""
+    config_option = click.option(
+        "--config",
+        "config",
+        envvar=p.config_env,
+        show_envvar=True,
+        type=click.Path(dir_okay=False),
+        default=None,
+        help=p.config_help,
+    )
+    options = serve_options(p.env_prefix, p.default_port, p.default_graceful_s)
+
+    @click.group(
+        help=f"{p.help}\n\nWithout a command it serves (the same as 'serve').",
+        invoke_without_command=True,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
+    @click.version_option(p.version, "--version", prog_name=p.name, message="%(prog)s %(version)s")
+    @config_option
+    @options
+    @click.pass_context
+    def cli(ctx: click.Context, /, **given: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            sys.exit(p.serve(**given))
+
+    @cli.command("serve")
+    @config_option
+    @options
+    @click.pass_context
+    def serve_command(ctx: click.Context, /, **given: Any) -> None:
+        """Run the program (the default command)."""
+        sys.exit(p.serve(**merged(ctx, given)))
+
+    @cli.command("validate", help=f"Check a config file (FILE, else --config, else ${p.config_env}).")
+    @click.argument("file", required=False, type=click.Path(dir_okay=False))
+    @click.pass_context
+    def validate_command(ctx: click.Context, file: str | None) -> None:
+        parent = ctx.parent.params if ctx.parent is not None else {}
+        sys.exit(p.validate(file or parent.get("config")))
+
+    return cli
 
 
 def fail(program: str, message: str) -> None:

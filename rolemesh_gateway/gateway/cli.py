@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, bind, bind_guard, fail, merged, run_cli, run_server, serve_options
+from ..common.cli import STARTUP_FAILURE, Program, bind, bind_guard, fail, make_cli, run_cli, run_server
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
@@ -25,51 +24,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 #: Streams of a slow model can take long: give them time to finish on a restart.
 DEFAULT_GRACEFUL_S = 30
-
-_config_option = click.option(
-    "--config",
-    "config",
-    envvar=CONFIG_ENV,
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="The gateway's YAML config file.",
-)
-
-
-@click.group(
-    invoke_without_command=True,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-)
-@click.version_option(__version__, "--version", prog_name=PROGRAM, message="%(prog)s %(version)s")
-@_config_option
-@serve_options("ROLE_MESH", DEFAULT_PORT, DEFAULT_GRACEFUL_S)
-@click.pass_context
-def cli(ctx: click.Context, /, **options: Any) -> None:
-    """OpenAI-compatible gateway that routes by role to llama-server nodes.
-
-    Without a command it serves (the same as 'serve').
-    """
-    if ctx.invoked_subcommand is None:
-        sys.exit(serve(**options))
-
-
-@cli.command("serve")
-@_config_option
-@serve_options("ROLE_MESH", DEFAULT_PORT, DEFAULT_GRACEFUL_S)
-@click.pass_context
-def serve_command(ctx: click.Context, /, **options: Any) -> None:
-    """Run the gateway (the default command)."""
-    sys.exit(serve(**merged(ctx, options)))
-
-
-@cli.command("validate")
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
-@click.pass_context
-def validate_command(ctx: click.Context, file: str | None) -> None:
-    """Check a config file (FILE, else --config, else $ROLE_MESH_CONFIG) and explain what is wrong."""
-    parent = ctx.parent.params if ctx.parent is not None else {}
-    sys.exit(validate(file or parent.get("config")))
 
 
 def validate(path: str | None) -> int:
@@ -128,6 +82,22 @@ def serve(
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
     )
+
+
+cli = make_cli(
+    Program(
+        name=PROGRAM,
+        help="OpenAI-compatible gateway that routes by role to llama-server nodes.",
+        version=__version__,
+        config_env=CONFIG_ENV,
+        config_help="The gateway's YAML config file.",
+        env_prefix="ROLE_MESH",
+        default_port=DEFAULT_PORT,
+        default_graceful_s=DEFAULT_GRACEFUL_S,
+        serve=serve,
+        validate=validate,
+    )
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
