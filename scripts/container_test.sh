@@ -238,7 +238,8 @@ fi
 log "pip in the build: index ${pip_index:-PyPI (the default)}${pip_extra:+, extra $pip_extra}, cert ${pip_cert:-the bundled one}"
 
 build() {  # build TARGET TAG
-    local target="$1" tag="$2" started=$SECONDS
+    local target="$1" tag="$2" started=$SECONDS old_id new_id
+    old_id="$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)"
     log "podman build --target $target -t $tag (progress: build steps)"
     if ! podman build --format docker --network host --layers --pull=never \
             "${BUILD_MOUNTS[@]}" "${BUILD_ARGS[@]}" --target "$target" -t "$tag" \
@@ -251,6 +252,10 @@ build() {  # build TARGET TAG
     fi
     log "built $tag in $((SECONDS - started))s ($(podman image inspect --format '{{.Size}}' "$tag" \
         | awk '{printf "%.0f MB", $1 / 1e6}'))"
+    new_id="$(podman image inspect --format '{{.Id}}' "$tag")"
+    if [[ -n "$old_id" && "$old_id" != "$new_id" ]]; then  # the previous run's image, now untagged
+        podman rmi "$old_id" >/dev/null 2>&1 || true
+    fi
 }
 build gateway "$GW_IMAGE"
 build agent "$AGENT_IMAGE"
