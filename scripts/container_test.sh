@@ -16,6 +16,8 @@
 #      env file, config mounted read-only) on a free 127.0.0.1 port in front of a fake upstream,
 #      checks /health, a chat completion with the client key, a 401 without it, that it runs as
 #      a non-root user and that the image's HEALTHCHECK passes; then the guide's uvicorn form;
+#      then deploy/compose.yaml as shipped, with podman-compose (skipped if 127.0.0.1:8080 is
+#      taken);
 #   5. runs `rolemesh-node-agent --help` / `--version` in the agent image, then the agent as a
 #      container that registers with the gateway container and serves a role through it; when a
 #      llama-server binary and the tiny test model are already on this machine (scripts/
@@ -52,6 +54,7 @@ die() { printf '[container_test] FAILED: %s\n' "$*" >&2; exit 1; }
 
 WORK=""
 PODMAN_LOG=""
+COMPOSE_PROJECT=""
 FAKE_PID=""
 CONTAINERS=()
 cleanup() {
@@ -65,6 +68,9 @@ cleanup() {
         fi
         podman rm -f -t 2 "$c" >/dev/null 2>&1
     done
+    if [[ -n "$COMPOSE_PROJECT" ]]; then  # the pod podman-compose may have made
+        podman pod ls -q --filter "name=$COMPOSE_PROJECT" 2>/dev/null | xargs -r podman pod rm -f >/dev/null 2>&1
+    fi
     if [[ $rc -ne 0 && -s "${PODMAN_LOG:-}" ]]; then
         echo "---- last lines of podman's own messages ----" >&2
         tail -n 15 "$PODMAN_LOG" >&2
@@ -425,6 +431,53 @@ chat "$UV_PORT" planner "hello from the fake upstream" >/dev/null
 check_non_root "$UV"
 podman rm -f -t 5 "$UV" >/dev/null 2>>"$PODMAN_LOG"
 log "  uvicorn form: /health 200, chat completion OK"
+
+# deploy/compose.yaml itself, with podman-compose (from PyPI, in a venv cached in $CACHE): the
+# shipped file and models.yaml, keys from its env_file, the image just built instead of a build
+# (an override file), a project name of its own. It binds 127.0.0.1:8080 as shipped, so it is
+# skipped when that port is taken.
+if python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 8080))' 2>/dev/null; then
+    PC_VENV="$CACHE/podman-compose-venv"
+    if [[ ! -x "$PC_VENV/bin/podman-compose" ]]; then
+        log "installing podman-compose into $PC_VENV"
+        rm -rf "$PC_VENV"
+        python3 -m venv "$PC_VENV"
+        "$PC_VENV/bin/pip" install -q --disable-pip-version-check "podman-compose==1.6.0" \
+            >"$WORK/pip-compose.log" 2>&1 || { tail -n 20 "$WORK/pip-compose.log" >&2; die "pip install podman-compose failed"; }
+    fi
+    COMPOSE_PROJECT="rolemesh-ct-$$"
+    COMPOSE_DIR="$WORK/compose/deploy"
+    mkdir -p "$COMPOSE_DIR"
+    cp "$ROOT/deploy/compose.yaml" "$ROOT/deploy/models.yaml" "$COMPOSE_DIR/"
+    chmod 0755 "$WORK/compose" "$COMPOSE_DIR"
+    chmod 0644 "$COMPOSE_DIR/models.yaml"
+    cp "$WORK/conf/rolemesh.env" "$COMPOSE_DIR/rolemesh.env"
+    printf 'services:\n  gateway:\n    image: %s\n' "$GW_IMAGE" >"$COMPOSE_DIR/test-image.yaml"
+    compose() {
+        (cd "$COMPOSE_DIR" && "$PC_VENV/bin/podman-compose" -p "$COMPOSE_PROJECT" \
+            -f compose.yaml -f test-image.yaml "$@")
+    }
+    log "podman-compose up deploy/compose.yaml (project $COMPOSE_PROJECT, 127.0.0.1:8080)"
+    compose up -d --no-build >"$WORK/compose-up.log" 2>&1 \
+        || { tail -n 20 "$WORK/compose-up.log" >&2; die "podman-compose up failed"; }
+    mapfile -t pc_ctrs < <(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT" \
+        --format '{{.Names}}')
+    [[ ${#pc_ctrs[@]} -eq 1 ]] || die "expected one compose container, found: ${pc_ctrs[*]}"
+    CONTAINERS+=("${pc_ctrs[0]}")
+    wait_http "http://127.0.0.1:8080/health" 40 "${pc_ctrs[0]}"
+    status="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:8080/v1/models)"
+    [[ "$status" == 401 ]] || die "compose gateway: /v1/models without a key got $status, not 401"
+    curl -sf --max-time 5 -H "Authorization: Bearer $CLIENT_KEY" http://127.0.0.1:8080/v1/models >/dev/null \
+        || die "compose gateway: /v1/models with the key from the env_file failed"
+    check_non_root "${pc_ctrs[0]}"
+    [[ "$(podman inspect --format '{{.HostConfig.NetworkMode}} {{.HostConfig.ReadonlyRootfs}}' "${pc_ctrs[0]}")" \
+        == "host true" ]] || die "compose gateway: not on the host network with a read-only root"
+    compose down >"$WORK/compose-down.log" 2>&1 \
+        || { tail -n 20 "$WORK/compose-down.log" >&2; die "podman-compose down failed"; }
+    log "  compose: /health 200, 401 without a key, the env_file's key works, host network, read-only, uid 10001; down"
+else
+    log "127.0.0.1:8080 is taken: the deploy/compose.yaml run is skipped"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. the agent image
