@@ -9,7 +9,7 @@
 #   2. makes a minimal Debian base image (python3, python3-venv, python3-pip, ca-certificates)
 #      with debootstrap from the Debian mirror this machine's apt uses, cached as a tarball in
 #      $CACHE/container-base/ and as a local podman image (`podman image exists`), so only the
-#      first run on a machine pays for it (~3 min);
+#      first run on a machine pays for it (about a minute);
 #   3. builds the `gateway` and `agent` targets with --build-arg BASE_IMAGE=<that image>, with
 #      this machine's CA bundle and pip index settings passed into the build;
 #   4. runs the gateway container (--network host, read-only root, no capabilities, keys from an
@@ -174,7 +174,7 @@ if podman image exists "$BASE_IMAGE"; then
     log "base image $BASE_IMAGE is cached"
 else
     if [[ ! -s "$BASE_TAR" ]]; then
-        log "debootstrap $SUITE ($ARCH, minbase + $BASE_PACKAGES) from $MIRROR; about 3 minutes..."
+        log "debootstrap $SUITE ($ARCH, minbase + $BASE_PACKAGES) from $MIRROR; 1-3 minutes..."
         rootfs="$(mktemp -d "$BASE_DIR/.rootfs.XXXXXX")"
         started=$SECONDS
         if ! debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$MIRROR" \
