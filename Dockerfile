@@ -10,7 +10,8 @@
 #                about 5-12 minutes on 2 cores.
 #
 #   docker build --target gateway -t rolemesh-gateway .
-#   docker run --rm --network host -v "$PWD/models.yaml:/etc/rolemesh/models.yaml:ro" rolemesh-gateway
+#   docker run --rm --network host --env-file rolemesh.env \
+#       -v "$PWD/models.yaml:/etc/rolemesh/models.yaml:ro" rolemesh-gateway
 #
 # BASE_IMAGE is any Debian-based image: the official python:3.11-slim by default, or a plain
 # Debian image (python3 and python3-venv are then installed with apt-get). The package is built
