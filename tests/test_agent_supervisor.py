@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,3 +219,57 @@ def test_no_orphans_when_the_agent_dies(tmp_path: Path, sig: signal.Signals) -> 
             agent.kill()
             agent.wait(5)
         log.close()
+
+
+def test_children_signalled_with_the_agent_are_not_restarted(tmp_path: Path) -> None:
+    """A service manager signals every process of the agent at once (systemd's default): the
+    llama-servers exit while the agent still waits for a request in flight; they must stay
+    stopped, not be restarted only to be killed again."""
+    binary, model = write_fake_llama_server(tmp_path)
+    cfg = tmp_path / "agent.yaml"
+    port = free_port()
+    cfg.write_text(
+        f"node_id: n1\ngateway_url: http://127.0.0.1:9\nport: {port}\n"
+        "supervisor: {backoff_initial_s: 0.1}\nroles:\n"
+        f"  planner: {{llama_server: {{model: {model}, binary: {binary}}}}}\n"
+    )
+    log_path = tmp_path / "agent.log"
+    with log_path.open("wb") as log:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rolemesh_gateway.agent.cli",
+                "--config",
+                str(cfg),
+                "--graceful-timeout",
+                "3",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: (
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["roles"]["planner"] == "ready"
+            ),
+            20,
+            "planner ready",
+        )
+        children = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(agent.pid)]).split()]
+        # A request in flight (its body never completes): the agent waits for it on SIGTERM.
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        agent.send_signal(signal.SIGTERM)
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        agent.wait(20)
+        held.close()
+        text = log_path.read_text()
+        assert "not restarting" in text, text[-2000:]
+        assert "restarting in" not in text
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)

@@ -87,13 +87,15 @@ def serve(
 
     from .app import create_app
 
+    app = create_app(cfg)
     return run_server(
         PROGRAM,
-        create_app(cfg),
+        app,
         sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
+        app.supervisor.exiting,
     )
 
 

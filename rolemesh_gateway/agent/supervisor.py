@@ -152,6 +152,8 @@ class ManagedServer(Backend):
         self._client = client
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        #: Set when the agent starts shutting down: a child that exits now is not restarted.
+        self.stopping = False
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
 
     def describe(self) -> dict[str, object]:
@@ -163,6 +165,9 @@ class ManagedServer(Backend):
         while True:
             started = time.monotonic()
             reason = await self._run_once()
+            if self.stopping:  # the agent is shutting down (the child got its signal too)
+                log.info("role %s: llama-server %s while the agent stops; not restarting", self.role, reason)
+                return
             if time.monotonic() - started >= _STABLE_AFTER_S:
                 backoff.reset()
             delay = backoff.next()
@@ -335,8 +340,19 @@ class Supervisor:
         for role, backend in self.backends.items():
             self._tasks.start(f"supervise-{role}", backend.run())
 
+    def exiting(self) -> None:
+        """The agent got SIGTERM or SIGINT: children that exit from now on stay stopped.
+
+        A service manager signals the whole process group, so llama-server may exit before the
+        agent has finished its in-flight requests; restarting it then would only be killed again.
+        """
+        for backend in self.backends.values():
+            if isinstance(backend, ManagedServer):
+                backend.stopping = True
+
     async def stop(self) -> None:
         """Stop every child (in parallel: TERM, then KILL after the grace period)."""
+        self.exiting()
         await self._tasks.stop()
 
     def ready_roles(self) -> list[str]:

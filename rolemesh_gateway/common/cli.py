@@ -204,9 +204,20 @@ def run_server(
     log_level: str | None,
     graceful_s: int,
     access_log: bool,
+    on_exit_signal: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``app`` under uvicorn (uvloop + httptools) on a bound socket until stopped."""
+    """Run ``app`` under uvicorn (uvloop + httptools) on a bound socket until stopped.
+
+    ``on_exit_signal`` is called as soon as SIGTERM or SIGINT arrives, before uvicorn starts
+    waiting for requests in flight (the lifespan shutdown comes only after that wait).
+    """
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_exit_signal is not None:
+                on_exit_signal()
+            super().handle_exit(sig, frame)
 
     level = (log_level or "info").lower()
     setup_logging(level)
@@ -224,7 +235,7 @@ def run_server(
         lifespan="on",
         timeout_graceful_shutdown=graceful_s,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     log.info("%s listening on http://%s:%d", program, f"[{host}]" if ":" in host else host, port)
     server.run(sockets=[sock])
     return 0 if server.started else 1
