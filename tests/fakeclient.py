@@ -176,6 +176,8 @@ class FakeClient:
             return script.pop(0) if len(script) > 1 else script[0]
         if self._default is not None:
             return self._default
+        if call.url.endswith("/v1/models"):  # what a server that lists no models answers
+            return Reply.json(404, {"error": {"message": "not found"}})
         raise AssertionError(f"FakeClient has no answer scripted for {call.method} {call.url}")
 
     # -- the Client interface -----------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_validate_command(fake_files: dict[str, str], capsys: pytest.CaptureFixt
     err = capsys.readouterr().err.strip()
     assert err == (
         f"rolemesh-node-agent: config error: {bad}: roles.p.urll: unknown key; "
-        "allowed here: llama_server, proxy_url, upstream_model, health_path"
+        "allowed here: llama_server, proxy_url, upstream_model, health_path, api_key"
     )
 
 

@@ -68,15 +68,22 @@ def test_check_client_accepts_x_api_key_or_bearer() -> None:
     assert ring.check_client([(b"authorization", b"bearer " + BETA.encode())]) == key_id(BETA)
 
 
-def test_check_client_prefers_x_api_key_over_authorization() -> None:
+def test_check_client_accepts_any_valid_credential() -> None:
     ring = KeyRing([ALPHA, BETA])
-    # Either order of the headers: X-Api-Key is the key that counts.
     both = [(b"authorization", b"Bearer " + BETA.encode()), (b"x-api-key", ALPHA.encode())]
-    assert ring.check_client(both) == key_id(ALPHA)
-    assert ring.check_client(both[::-1]) == key_id(ALPHA)
-    # A wrong X-Api-Key is not rescued by a good bearer token.
+    assert ring.check_client(both) in (key_id(ALPHA), key_id(BETA))
+    # A wrong or empty X-Api-Key does not spoil a good bearer token (SDKs send both).
+    good_bearer = (b"authorization", b"Bearer " + ALPHA.encode())
+    assert ring.check_client([(b"x-api-key", b"wrong"), good_bearer]) == key_id(ALPHA)
+    assert ring.check_client([(b"x-api-key", b""), good_bearer]) == key_id(ALPHA)
+    # Nor the reverse.
+    assert ring.check_client([(b"authorization", b"Bearer nope"), (b"x-api-key", BETA.encode())]) == key_id(
+        BETA
+    )
     with pytest.raises(Unauthorized, match="invalid API key"):
-        ring.check_client([(b"x-api-key", b"wrong"), (b"authorization", b"Bearer " + ALPHA.encode())])
+        ring.check_client([(b"x-api-key", b"wrong"), (b"authorization", b"Bearer nope")])
+    with pytest.raises(Unauthorized, match="missing API key"):  # empty headers count as absent
+        ring.check_client([(b"x-api-key", b" "), (b"authorization", b"Bearer ")])
 
 
 def test_check_client_says_missing_or_invalid() -> None:

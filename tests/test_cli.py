@@ -34,7 +34,7 @@ def test_validate_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err.strip()
     assert err == (
         f"rolemesh-gateway: config error: {bad}: models.p.prox_url: unknown key; allowed here: "
-        "type, openai_model_name, proxy_url, upstream_model, health_path, timeouts"
+        "type, openai_model_name, proxy_url, upstream_model, health_path, api_key, timeouts"
     )
 
 

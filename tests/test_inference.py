@@ -239,7 +239,8 @@ def test_other_paths_and_methods() -> None:
     async def go() -> None:
         app = gateway(answering())
         assert (await call_app(app, "GET", "/v1/chat/completions", headers=AUTH)).status == 405
-        assert (await call_app(app, "POST", "/v1/responses", {"model": "fast"}, AUTH)).status == 404
+        assert (await call_app(app, "POST", "/v1/nothing-here", {"model": "fast"}, AUTH)).status == 404
+        assert (await call_app(app, "POST", "/v1/responses", {"model": "fast"}, AUTH)).status == 200
         assert orjson.loads((await call_app(app, "GET", "/health")).body) == {"status": "ok"}
 
     run(go())
@@ -262,5 +263,53 @@ def test_default_model_given_by_its_openai_name_serves_requests_without_model() 
         sent = await chat(app, {"messages": []})
         assert sent.status == 200 and sent.json() == {"from": "fast"}
         assert only_call(client).url == FAST + "/v1/chat/completions"
+
+    run(go())
+
+
+def test_a_body_with_a_utf8_byte_order_mark_is_accepted() -> None:
+    async def go() -> None:
+        client = answering()
+        sent = await chat(gateway(client), b'\xef\xbb\xbf{"model": "big", "messages": []}')
+        assert sent.status == 200 and sent.json() == {"from": "big"}
+
+    run(go())
+
+
+def test_paths_without_v1_work_as_their_v1_forms() -> None:
+    async def go() -> None:
+        client = answering()
+        app = gateway(client)
+        sent = await chat(app, {"model": "fast", "messages": []}, path="/chat/completions")
+        assert sent.status == 200 and client.calls[-1].url == FAST + "/v1/chat/completions"
+        models = await call_app(app, "GET", "/models", headers=AUTH)
+        assert models.status == 200 and models.json()["object"] == "list"
+
+    run(go())
+
+
+def test_gateway_made_429_and_503_say_when_to_retry() -> None:
+    async def go() -> None:
+        client = FakeClient().on(FAST, Raise(UpstreamUnreachable("cannot connect to upstream fast")))
+        app = gateway(client)
+        assert (await chat(app, {"model": "fast"})).status == 502
+        sent = await call_app(app, "GET", "/v1/models/fast", headers=AUTH)  # marked down by that
+        assert sent.status == 503 and sent.header(b"retry-after") == b"5"
+
+    run(go())
+
+
+def test_an_upstream_key_is_sent_to_a_keyed_upstream_and_its_probes() -> None:
+    async def go() -> None:
+        client = answering()
+        client.on(FAST + "/health", Reply.json(200, {"status": "ok"}))
+        app = gateway(client, models={"fast": {"type": "proxy", "proxy_url": FAST, "api_key": "up-secret"}})
+        await app.health.probe_all()
+        assert all(c.header(b"authorization") == b"Bearer up-secret" for c in client.calls)
+        sent = await chat(app, {"model": "fast"})
+        assert sent.status == 200
+        call = client.calls[-1]
+        assert call.header(b"authorization") == b"Bearer up-secret"  # not the client's key
+        assert call.header(b"authorization") != AUTH[0][1]
 
     run(go())

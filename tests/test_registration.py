@@ -62,6 +62,9 @@ class StubSupervisor:
     def slot_urls(self) -> list[str]:
         return list(self.slots)
 
+    def ready_backends(self) -> dict[str, object]:
+        return {}  # no server to ask about its model
+
     async def wait_for_change(self, timeout_s: float) -> None:
         self.waits.append(timeout_s)
         if self.hold_after is not None and len(self.waits) >= self.hold_after:

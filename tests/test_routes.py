@@ -536,3 +536,116 @@ def test_describe_counts_nodes_by_state() -> None:
         assert f.chat.available() == (True, "ok")
 
     run(go())
+
+
+# -- whose fault: the client's errors pass through; only the node's fail over -----------------------
+LLAMA_500 = {"error": {"code": 500, "message": "image input is not supported", "type": "server_error"}}
+LLAMA_501 = {
+    "error": {
+        "code": 501,
+        "message": "This server does not support embeddings.",
+        "type": "not_supported_error",
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (
+            400,
+            {"error": {"code": 400, "message": "exceed_context_size_error", "type": "invalid_request_error"}},
+        ),
+        (404, {"error": {"message": "File Not Found"}}),
+        (500, LLAMA_500),
+        (501, LLAMA_501),
+    ],
+)
+def test_a_client_error_is_relayed_as_it_came_never_retried_nor_held_against_the_node(
+    status: int, body: dict[str, Any]
+) -> None:
+    async def go() -> None:
+        f = Fleet()
+        a, b = await f.add("a"), await f.add("b")
+        f.client.on(url("a"), Reply.json(status, body))
+        f.client.on(url("b"), Reply.json(status, body))
+        for _ in range(10):  # far more than eject_after_failures (2)
+            sent = await send_one(f.chat)
+            assert sent.status == status and sent.json() == body
+        assert len(f.client.calls) == 10  # one attempt each, never a second node
+        assert f.state(a) == f.state(b) == "fresh"
+        assert a.failures == b.failures == 0
+
+    run(go())
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_node_that_says_it_is_unwell_fails_over_and_counts(status: int) -> None:
+    async def go() -> None:
+        f = Fleet()
+        a = await f.add("a")
+        await f.add("b")
+        f.client.on(url("a"), Reply.json(status, {"error": {"code": status, "message": "Loading model"}}))
+        f.client.on(url("b"), Reply.json(200, {"answer": "b"}))
+        f.chat.strategy = _Always("a")
+        sent = await send_one(f.chat)
+        assert sent.status == 200 and sent.json() == {"answer": "b"}
+        assert a.failures == 1
+
+    run(go())
+
+
+def test_a_500_without_an_error_body_is_the_nodes_fault() -> None:
+    async def go() -> None:
+        f = Fleet()
+        a = await f.add("a")
+        await f.add("b")
+        f.client.on(url("a"), Reply(500, b"<html>Internal Server Error</html>"))
+        f.client.on(url("b"), Reply.json(200, {"answer": "b"}))
+        f.chat.strategy = _Always("a")
+        sent = await send_one(f.chat)
+        assert sent.json() == {"answer": "b"} and a.failures == 1
+
+    run(go())
+
+
+class _Always:
+    """A strategy that tries ``first`` before any other eligible node."""
+
+    def __init__(self, first: str) -> None:
+        self.first = first
+
+    def choose(self, nodes: Any, eligible: Any) -> Any:
+        ordered = sorted(nodes, key=lambda n: n.node_id != self.first)
+        return next((n for n in ordered if eligible(n)), None)
+
+
+def test_after_an_ejection_the_node_is_on_probation() -> None:
+    async def go() -> None:
+        f = Fleet(make_settings(eject_max_s=25))
+        a = await f.add("a")
+        down = Reply.json(503, {"error": {"message": "down"}})
+        f.client.on(url("a"), down)
+        for _ in range(2):  # eject_after_failures: 2
+            assert (await send_one(f.chat)).status == 503  # the only node: its answer is relayed
+        assert f.state(a) == "ejected" and a.ejected_until == f.clock.now + 10
+        beat = HeartbeatRequest(node_id="a")  # the node keeps heartbeating: never stale here
+        f.clock.now += 10.5  # the ejection ends: on probation, not with a stale failure count
+        await f.registry.heartbeat(beat)
+        assert f.state(a) == "fresh" and a.failures == 0 and a.ejections == 1
+        await send_one(f.chat)  # one failure on probation ejects again, for twice as long
+        assert f.state(a) == "ejected" and a.ejected_until == f.clock.now + 20
+        f.clock.now += 20.5
+        await f.registry.heartbeat(beat)
+        await send_one(f.chat)  # and again: 40 s, capped at eject_max_s (25)
+        assert a.ejected_until == f.clock.now + 25
+        f.clock.now += 25.5
+        await f.registry.heartbeat(beat)
+        f.client.on(url("a"), Reply.json(200, {"ok": True}))
+        assert (await send_one(f.chat)).status == 200  # one success clears the probation
+        assert a.ejections == 0 and a.failures == 0
+        f.client.on(url("a"), down)
+        await send_one(f.chat)
+        assert f.state(a) == "fresh" and a.failures == 1  # back to the normal count
+
+    run(go())

@@ -1,9 +1,11 @@
-"""The node agent's ASGI application: ``/health``, and ``/v1/*`` proxied by role.
+"""The node agent's ASGI application: ``/health``, and the llama-server endpoints proxied by role.
 
-A request's ``model`` names the role; the agent relays it to that role's local server with
-the gateway's own relay (SSE chunk by chunk, unbuffered) and cancels the upstream request when
-the caller hangs up, which frees the llama.cpp slot. Everything except ``/health`` needs the
-node key (``X-RoleMesh-Node-Key``, which the gateway sends, or ``Authorization: Bearer``).
+The paths are those the gateway sends (``common.endpoints``: ``/v1/*``, ``/tokenize``,
+``/infill``, ``GET /props?model=``...). A request's ``model`` names the role; the agent relays
+it to that role's local server with the gateway's own relay (SSE chunk by chunk, unbuffered)
+and cancels the upstream request when the caller hangs up, which frees the llama.cpp slot.
+Everything except ``/health`` needs the node key (``X-RoleMesh-Node-Key``, which the gateway
+sends, or ``Authorization: Bearer``).
 
 The lifespan owns the rest of the agent: it starts the supervisor and the registration loop,
 and on shutdown deregisters first (so the gateway stops routing here), then stops the
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -31,6 +35,8 @@ from ..common.asgi import (
     target_of,
 )
 from ..common.auth import KeyRing
+from ..common.config import bearer_header
+from ..common.endpoints import ANTHROPIC_PATHS, UPSTREAM
 from ..common.errors import (
     BadRequest,
     ModelNotFound,
@@ -60,10 +66,13 @@ class Agent:
         self._tasks = TaskOwner()
         self._keys = KeyRing([cfg.node_key] if cfg.node_key else [])
         self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
+        self._auth = {role: bearer_header(rc.api_key) for role, rc in cfg.roles.items() if rc.api_key}
         d = self._dispatch = Dispatcher()
         d.add("GET", "/health", self._health)
         d.add("GET", "/v1/models", self._models)
-        d.add_prefix("POST", "/v1/", self._proxy)
+        for method, path in UPSTREAM:
+            d.add(method, path, self._proxy)
+        d.add_prefix("POST", "/v1/", self._proxy)  # any other OpenAI-style endpoint of llama-server
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,7 +82,7 @@ class Agent:
                     self._check_key(scope["headers"])
                 await self._dispatch.find(scope["method"], scope["path"])(scope, receive, send)
             except RoleMeshError as exc:
-                await send_error(send, exc)
+                await send_error(send, exc, anthropic=scope["path"] in ANTHROPIC_PATHS)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
 
@@ -125,8 +134,13 @@ class Agent:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
-        body, data = await read_json_object(receive, headers, self.cfg.limits.max_body_bytes)
-        role = data.get("model")
+        if scope["method"] == "GET":  # GET /props?model=<role>
+            body, data = b"", dict[str, Any]()
+            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+            role: object = next((v for k, v in query if k == "model"), None)
+        else:
+            body, data = await read_json_object(receive, headers, self.cfg.limits.max_body_bytes)
+            role = data.get("model")
         backends = self.supervisor.backends
         if role is None and len(backends) == 1:
             role = next(iter(backends))
@@ -141,19 +155,29 @@ class Agent:
         if not backend.ready or backend.url is None:
             why = f" ({backend.detail})" if backend.detail else ""
             raise NoUpstreamAvailable(f"role '{role}' on node {self.cfg.node_id} is {backend.state}{why}")
-        if role in self._rewrite:
+        if role in self._rewrite and body:
             data["model"] = self._rewrite[role]
             body = orjson.dumps(data)
         target = f"role {role} ({backend.url})"
         url = backend.url + target_of(scope)
-        out = upstream_headers(headers, [])
+        out = upstream_headers(headers, self._auth.get(role, []))
         self.inflight += 1
         try:
             # Kept alive when the backend allows it. llama-server closes its end after a
             # streamed answer; the client then drops that connection from its pool (or, if the
             # next request races the close, sends it again on a fresh one).
+            anthropic = scope["path"] in ANTHROPIC_PATHS
             work = pass_through(
-                self.client, scope["method"], url, out, body, self.cfg.timeouts, send, [], target
+                self.client,
+                scope["method"],
+                url,
+                out,
+                body,
+                self.cfg.timeouts,
+                send,
+                [],
+                target,
+                anthropic=anthropic,
             )
             await cancel_on_disconnect(receive, work)
         finally:

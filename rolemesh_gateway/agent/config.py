@@ -75,6 +75,8 @@ class RoleConfig(Closed):
     #: Rewrite the request's ``model`` to this for a ``proxy_url`` server that checks it (vLLM).
     upstream_model: str | None = None
     health_path: str = "/health"
+    #: For a ``proxy_url`` server started with ``--api-key``: sent as ``Authorization: Bearer``.
+    api_key: Key | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RoleConfig:
@@ -82,6 +84,8 @@ class RoleConfig(Closed):
             raise ValueError("give exactly one of 'llama_server' (the agent starts it) or 'proxy_url'")
         if self.upstream_model is not None and self.proxy_url is None:
             raise ValueError("'upstream_model' applies only to a 'proxy_url' role")
+        if self.api_key is not None and self.proxy_url is None:
+            raise ValueError("'api_key' applies only to a 'proxy_url' role")
         return self
 
 

@@ -22,6 +22,7 @@ import orjson
 from ..common.backoff import Backoff
 from ..common.errors import Refused, RoleMeshError
 from ..common.http1 import Client
+from ..common.probe import fetch_model_info
 from ..common.protocol import NODE_KEY, HeartbeatRequest, RegisterRequest, RegisterResponse
 from ..common.version import __version__
 from .config import AgentConfig
@@ -48,6 +49,8 @@ class Registrar:
         #: Roles the gateway currently has for this node; None when it has none.
         self.registered: tuple[str, ...] | None = None
         self._problem: str | None = None
+        #: Per role: the server URL it was asked at, and what it said about its model.
+        self._model_info: dict[str, tuple[str, dict[str, Any] | None]] = {}
         #: Retry delays while the gateway is unreachable or refuses: capped at the interval.
         self.backoff = Backoff(_FIRST_RETRY_S, cfg.heartbeat_interval_s)
 
@@ -100,7 +103,10 @@ class Registrar:
             base_url=self.cfg.base_url,
             roles=list(roles),
             version=__version__,
-            **load,
+            models=await self.model_info(roles) or None,
+            inflight=load.get("inflight"),
+            slots_total=load.get("slots_total"),
+            slots_busy=load.get("slots_busy"),
         )
         status, body = await self._call("POST", "/v1/nodes/register", req.model_dump(exclude_none=True))
         if status not in (200, 201):
@@ -125,6 +131,19 @@ class Registrar:
                 answer.stale_after_s,
                 answer.heartbeat_interval_hint_s,
             )
+
+    async def model_info(self, roles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """What each ready role's server says about its model, asked once per server start."""
+        ready = self._supervisor.ready_backends()
+        for role in roles:
+            backend = ready.get(role)
+            if backend is None or backend.url is None:
+                continue
+            known = self._model_info.get(role)
+            if known is None or known[0] != backend.url:
+                info = await fetch_model_info(self._client, backend.url, _SLOTS_TIMEOUT_S, backend.auth, role)
+                self._model_info[role] = (backend.url, info)
+        return {r: info for r, (_, info) in self._model_info.items() if r in roles and info is not None}
 
     async def deregister(self) -> None:
         """Tell the gateway to forget this node (clean shutdown, or no role ready)."""

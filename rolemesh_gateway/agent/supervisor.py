@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from ..common.backoff import Backoff
-from ..common.config import Probes
+from ..common.config import Probes, bearer_header
 from ..common.http1 import Client
 from ..common.probe import probe
 from ..common.tasks import TaskOwner
@@ -85,6 +85,8 @@ class Backend(abc.ABC):
         self.role = role
         self.url = url
         self.ready = False
+        #: Headers every request to this server carries (its ``--api-key``, for a proxy_url role).
+        self.auth: list[tuple[bytes, bytes]] = []
         self.state: BackendState = "starting"
         self.detail = ""
         self._on_change = on_change
@@ -121,11 +123,12 @@ class ExternalServer(Backend):
         self._health_url = f"{rc.proxy_url}{rc.health_path}"
         self._probes = probes
         self._client = client
+        self.auth = bearer_header(rc.api_key)
 
     async def run(self) -> None:
         while True:
             # The gateway's rule for servers it did not start: below 500 is up, 503 is loading.
-            result = await probe(self._client, self._health_url, self._probes.timeout_s)
+            result = await probe(self._client, self._health_url, self._probes.timeout_s, headers=self.auth)
             if result.up:
                 self._set(True, "ready")
             else:
@@ -358,9 +361,13 @@ class Supervisor:
     def ready_roles(self) -> list[str]:
         return [role for role, b in self.backends.items() if b.ready]
 
+    def ready_backends(self) -> dict[str, Backend]:
+        """The backends that can serve now, by role."""
+        return {role: b for role, b in self.backends.items() if b.ready and b.url}
+
     def slot_urls(self) -> list[str]:
         """The ``/slots`` URL of every ready backend (llama-server reports its slot use there)."""
-        return [f"{b.url}/slots" for b in self.backends.values() if b.ready and b.url]
+        return [f"{b.url}/slots" for b in self.ready_backends().values()]
 
     async def wait_for_change(self, timeout_s: float) -> None:
         """Return when a backend became ready or stopped being ready, or after ``timeout_s``."""

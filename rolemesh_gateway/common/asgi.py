@@ -110,6 +110,8 @@ async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
 async def read_json_object(receive: Receive, headers: Headers, limit: int) -> tuple[bytes, dict[str, Any]]:
     """Read the body and parse it as a JSON object (400 for anything else); return both."""
     body = await read_body(receive, headers, limit)
+    if body[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte order mark: llama-server accepts it, so do we
+        body = body[3:]
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -158,15 +160,23 @@ async def send_json(send: Send, status: int, data: object, headers: Headers | No
     await send_bytes(send, status, body, JSON_HEADERS + (headers or []))
 
 
-async def send_error(send: Send, exc: RoleMeshError, headers: Headers | None = None) -> None:
+async def send_error(
+    send: Send, exc: RoleMeshError, headers: Headers | None = None, *, anthropic: bool = False
+) -> None:
+    """An error answer: OpenAI-shaped (or Anthropic-shaped), with the headers its status asks for."""
     extra = list(headers or [])
     if exc.status == 401:
         extra.append((b"www-authenticate", b'Bearer realm="rolemesh"'))
-    await send_bytes(send, exc.status, exc.body(), JSON_HEADERS + extra)
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", b"%d" % exc.retry_after))
+    body = exc.anthropic_body() if anthropic else exc.body()
+    await send_bytes(send, exc.status, body, JSON_HEADERS + extra)
 
 
-def sse_error_event(exc: RoleMeshError) -> bytes:
-    """An SSE event that OpenAI clients raise as an APIError when a stream breaks."""
+def sse_error_event(exc: RoleMeshError, *, anthropic: bool = False) -> bytes:
+    """An SSE event that clients raise as an API error when a stream breaks."""
+    if anthropic:  # the Messages API's stream error event
+        return b"event: error\ndata: " + exc.anthropic_body() + b"\n\n"
     return b"data: " + exc.body() + b"\n\n"
 
 

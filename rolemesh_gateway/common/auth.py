@@ -58,21 +58,30 @@ class KeyRing:
         return self._by_id.get(kid)
 
     def check_client(self, headers: Headers) -> str:
-        """The id of the client key in ``X-Api-Key`` or ``Authorization: Bearer``; 401 otherwise."""
-        presented = None
+        """The id of a valid client key in ``X-Api-Key`` or ``Authorization: Bearer``; else 401.
+
+        Any one valid credential is enough (a client may send both headers, one of them stale
+        or empty); an empty header counts as absent.
+        """
+        presented: list[bytes] = []
         for k, v in headers:
             if k == b"x-api-key":
-                presented = v
-            elif k == b"authorization" and presented is None:
-                presented = bearer(v)
-        kid = self.match(presented)
-        if kid is None:
-            raise Unauthorized(
-                "missing API key: send it as 'X-Api-Key: <key>' or 'Authorization: Bearer <key>'"
-                if presented is None
-                else "invalid API key"
-            )
-        return kid
+                token: bytes | None = v.strip()
+            elif k == b"authorization":
+                token = bearer(v)
+            else:
+                continue
+            if token:
+                presented.append(token)
+        for token in presented:
+            kid = self.match(token)
+            if kid is not None:
+                return kid
+        raise Unauthorized(
+            "invalid API key"
+            if presented
+            else "missing API key: send it as 'X-Api-Key: <key>' or 'Authorization: Bearer <key>'"
+        )
 
     def check_node(self, headers: Headers, *, bearer_too: bool = False) -> str | None:
         """The id of the node key in ``X-RoleMesh-Node-Key`` (or a bearer token); None if absent."""

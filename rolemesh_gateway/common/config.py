@@ -99,6 +99,11 @@ class TimeoutsOverride(Closed):
         return base.model_copy(update=given)
 
 
+def bearer_header(key: str | None) -> list[tuple[bytes, bytes]]:
+    """``Authorization: Bearer <key>`` for an upstream started with ``--api-key``; none without."""
+    return [(b"authorization", b"Bearer " + key.encode("ascii"))] if key else []
+
+
 class Limits(Closed):
     """Bounds on what a client may send."""
 

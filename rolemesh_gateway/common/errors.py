@@ -37,6 +37,8 @@ class RoleMeshError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    #: Seconds a client should wait before trying again (sent as ``Retry-After``), if it should.
+    retry_after: ClassVar[int | None] = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -49,6 +51,11 @@ class RoleMeshError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.payload())
+
+    def anthropic_body(self) -> bytes:
+        """The same error in the Anthropic API's shape (for ``/v1/messages`` clients)."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
 
 
 #: The name the public API has always used.
@@ -117,6 +124,7 @@ class NoUpstreamAvailable(RoleMeshError):
     status = 503
     type = "service_unavailable"
     code = "no_upstream_available"
+    retry_after = 5  # about half a default ejection; nodes come back on their own
 
 
 class QueueFull(NoUpstreamAvailable):
@@ -125,6 +133,7 @@ class QueueFull(NoUpstreamAvailable):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
+    retry_after = 1
 
 
 class QueueTimeout(NoUpstreamAvailable):
@@ -132,6 +141,7 @@ class QueueTimeout(NoUpstreamAvailable):
 
     status = 503
     code = "queue_timeout"
+    retry_after = 1
 
 
 class UpstreamError(RoleMeshError):
@@ -169,6 +179,19 @@ class StreamBroken(Exception):
 
 class ConfigError(Exception):
     """A config problem, already phrased as one line for the operator."""
+
+
+#: HTTP status -> the Anthropic API's error type.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 def error_payload(

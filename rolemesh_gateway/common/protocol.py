@@ -8,8 +8,9 @@ sends is exactly what the other validates.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .config import check_http_url
@@ -22,6 +23,7 @@ NODE_KEY = NODE_KEY_HEADER.lower().encode("ascii")
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_ROLES = 32
+MAX_MODEL_INFO_BYTES = 16 * 1024
 
 
 def check_node_id(value: str) -> str:
@@ -56,11 +58,20 @@ class Load(_Wire):
     slots_busy: Annotated[int, Field(ge=0)] | None = None
 
 
+def check_model_info(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    if len(orjson.dumps(value)) > MAX_MODEL_INFO_BYTES:
+        raise ValueError(f"must be at most {MAX_MODEL_INFO_BYTES} bytes of JSON")
+    return value
+
+
 class RegisterRequest(Load):
     node_id: NodeId
     base_url: Annotated[str, Field(max_length=2048), AfterValidator(check_http_url)]
     roles: Annotated[list[Role], Field(min_length=1, max_length=MAX_ROLES)]
     version: Annotated[str, Field(max_length=64)] | None = None
+    #: Per role, what its server says about its model in ``/v1/models`` (llama-server's
+    #: ``meta``: training context, parameter count...), shown by the gateway's ``/v1/models``.
+    models: Annotated[dict[Role, dict[str, Any]], AfterValidator(check_model_info)] | None = None
 
 
 class HeartbeatRequest(Load):

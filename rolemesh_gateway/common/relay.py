@@ -39,7 +39,18 @@ HOP_BY_HOP = frozenset(
 #: Never forwarded upstream: the client's (or the gateway's) credentials.
 CREDENTIALS = frozenset({b"authorization", b"x-api-key", NODE_KEY})
 _DROP_REQUEST = HOP_BY_HOP | CREDENTIALS
-_DROP_RESPONSE = HOP_BY_HOP | {b"server", b"date"}
+#: Never relayed back: hop-by-hop, and the upstream's CORS answer (the gateway's own
+#: ``cors.allow_origins`` decides which browser origins may read an answer).
+_DROP_RESPONSE = HOP_BY_HOP | {
+    b"server",
+    b"date",
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-expose-headers",
+    b"access-control-max-age",
+}
 
 SSE_HEADERS: Headers = [(b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")]
 
@@ -70,7 +81,20 @@ def _is_streamed(resp: Response) -> bool:
     )
 
 
-async def relay(resp: Response, send: Send, extra_headers: Headers, target: str) -> int:
+def is_buffered(resp: Response) -> bool:
+    """Will :func:`relay` read this answer whole before sending the head? (then so may a caller)"""
+    return not _is_streamed(resp)
+
+
+async def relay(
+    resp: Response,
+    send: Send,
+    extra_headers: Headers,
+    target: str,
+    *,
+    body: bytes | None = None,
+    anthropic: bool = False,
+) -> int:
     """Relay an upstream response to the ASGI client; returns the bytes relayed.
 
     Errors before the head was sent propagate as RoleMeshError, so the caller can still answer
@@ -81,7 +105,8 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
     headers = response_headers(resp.headers)
     headers.extend(extra_headers)
     if not _is_streamed(resp):
-        body = await resp.read()
+        if body is None:  # else the caller read it already, to judge the answer
+            body = await resp.read()
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -101,7 +126,13 @@ async def relay(resp: Response, send: Send, extra_headers: Headers, target: str)
     except RoleMeshError as err:
         log.warning("stream from %s broke after %d bytes: %s", target, total, err.message)
         if sse:
-            await send({"type": "http.response.body", "body": sse_error_event(err), "more_body": False})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(err, anthropic=anthropic),
+                    "more_body": False,
+                }
+            )
         raise StreamBroken(err) from err
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return total
@@ -117,11 +148,13 @@ async def pass_through(
     send: Send,
     extra_headers: Headers,
     target: str,
+    *,
+    anthropic: bool = False,
 ) -> None:
     """One exchange relayed as it comes: open, relay, release (no retry, no judgement)."""
     resp = await client.open(method, url, headers, body, timeouts, target)
     try:
-        await relay(resp, send, extra_headers, target)
+        await relay(resp, send, extra_headers, target, anthropic=anthropic)
     except StreamBroken:
         pass  # the client was told in-band; relay logged it
     finally:

@@ -6,10 +6,11 @@ so these answers and the routing agree on what can serve now.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..common.asgi import Receive, Scope, Send, send_json
-from ..common.errors import ModelNotFound
+from ..common.errors import ModelNotFound, NoUpstreamAvailable
 from .guard import Guard
 from .inference import Inference
 from .routes import Route
@@ -28,6 +29,8 @@ class StatusAPI:
         self._routes = routes
         self._guard = guard
         self._inference = inference
+        #: The ``created`` of every model object: when this gateway started serving them.
+        self._created = int(time.time())
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         """200 while the process is up; nothing else is checked."""
@@ -53,7 +56,7 @@ class StatusAPI:
             ok, reason = route.available()
             info: dict[str, Any] = {"id": name, "available": ok, **route.describe()}
             if ok:
-                data.append(_model_object(name))
+                data.append(self._model_object(name, route))
             else:
                 info["reason"] = reason
                 unavailable.append(name)
@@ -70,10 +73,15 @@ class StatusAPI:
         self._guard.client(scope["headers"])
         name = scope["path"][len(MODELS_PREFIX) :]
         alias = self._inference.resolve(name)
-        if alias is None or not self._routes[alias].available()[0]:
-            raise ModelNotFound(f"model '{name}' does not exist or is not available now", param="model")
-        await send_json(send, 200, _model_object(self._settings.advertised_name(alias)))
+        if alias is None:
+            raise ModelNotFound(f"model '{name}' does not exist", param="model")
+        route = self._routes[alias]
+        ok, reason = route.available()
+        if not ok:  # it exists: say why it cannot serve, as a chat call to it would
+            raise NoUpstreamAvailable(f"model '{name}' cannot serve now: {reason}")
+        await send_json(send, 200, self._model_object(self._settings.advertised_name(alias), route))
 
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "rolemesh"}
+    def _model_object(self, name: str, route: Route) -> dict[str, Any]:
+        """An OpenAI model object, plus what the backend reports about its model."""
+        info = route.model_info() or {}
+        return {**info, "id": name, "object": "model", "created": self._created, "owned_by": "rolemesh"}

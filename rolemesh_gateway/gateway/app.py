@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..common.asgi import Dispatcher, Receive, Scope, Send, lifespan, send_error
+from ..common.asgi import Dispatcher, Receive, Scope, Send, header, lifespan, send_error
+from ..common.endpoints import ANTHROPIC_PATHS, ROUTED
 from ..common.errors import RoleMeshError
 from ..common.http1 import Client
 from ..common.tasks import TaskOwner
 from ..common.version import __version__
 from .api_nodes import NODES_PREFIX, NodesAPI
 from .api_status import MODELS_PREFIX, StatusAPI
+from .cors import Cors
 from .guard import Guard
 from .health import HealthMonitor
-from .inference import INFERENCE_PATHS, Inference
+from .inference import Inference
 from .registry import NodeRegistry, make_registry
 from .routes import build_routes
 from .settings import Settings
@@ -48,12 +50,14 @@ class Gateway:
         inference = Inference(settings, self.routes, self.guard)
         status = StatusAPI(settings, self.routes, self.guard, inference)
         nodes = NodesAPI(settings, self.registry, self.guard)
+        self._cors = Cors(settings.cors) if settings.cors.allow_origins else None
         d = self._dispatch = Dispatcher()
-        for path in INFERENCE_PATHS:
-            d.add("POST", path, inference)
+        for endpoint in ROUTED:
+            d.add(endpoint.method, endpoint.path, inference.handler(endpoint))
         d.add("GET", "/health", status.health)
         d.add("GET", "/ready", status.ready)
         d.add("GET", "/v1/models", status.models)
+        d.add("GET", "/models", status.models)
         d.add_prefix("GET", MODELS_PREFIX, status.model)
         d.add("GET", "/v1/nodes", nodes.list)
         d.add("POST", "/v1/nodes/register", nodes.register)
@@ -62,10 +66,17 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self._cors is not None:
+                origin = header(scope["headers"], b"origin")
+                if origin is not None and self._cors.allowed(origin):
+                    if scope["method"] == "OPTIONS":
+                        await self._cors.preflight(scope, send, origin)
+                        return
+                    send = self._cors.wrap(send, origin)
             try:
                 await self._dispatch.find(scope["method"], scope["path"])(scope, receive, send)
             except RoleMeshError as exc:
-                await send_error(send, exc)
+                await send_error(send, exc, anthropic=scope["path"] in ANTHROPIC_PATHS)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
 

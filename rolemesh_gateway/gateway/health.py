@@ -1,12 +1,19 @@
-"""Availability of ``type: proxy`` upstreams, from background probes and from real traffic."""
+"""Availability of ``type: proxy`` upstreams, from background probes and from real traffic.
+
+When an upstream becomes available, its ``/v1/models`` is asked once what it says about its
+model (llama-server's ``meta``: training context, parameter count...), so the gateway's own
+``/v1/models`` can show it without a call per listing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
+from ..common.config import bearer_header
 from ..common.http1 import Client
-from ..common.probe import probe
+from ..common.probe import fetch_model_info, probe
 from .settings import ProxyModel, Settings
 
 log = logging.getLogger("rolemesh.health")
@@ -18,23 +25,31 @@ class HealthMonitor:
     def __init__(self, settings: Settings, client: Client) -> None:
         self._client = client
         self._timeout = settings.probes.timeout_s
-        self._targets = {
-            alias: f"{m.proxy_url}{m.health_path}"
-            for alias, m in settings.models.items()
-            if isinstance(m, ProxyModel)
-        }
-        self._state: dict[str, tuple[bool, str]] = dict.fromkeys(self._targets, (False, "not probed yet"))
+        self._proxies = {alias: m for alias, m in settings.models.items() if isinstance(m, ProxyModel)}
+        self._state: dict[str, tuple[bool, str]] = dict.fromkeys(self._proxies, (False, "not probed yet"))
+        self._info: dict[str, dict[str, Any] | None] = dict.fromkeys(self._proxies)
 
     def status(self, alias: str) -> tuple[bool, str]:
         """``(available, reason)`` of a proxy alias as last seen."""
         return self._state[alias]
 
+    def model_info(self, alias: str) -> dict[str, Any] | None:
+        return self._info.get(alias)
+
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self._probe(alias) for alias in self._targets))
+        await asyncio.gather(*(self._probe(alias) for alias in self._proxies))
 
     async def _probe(self, alias: str) -> None:
-        up, reason, _ = await probe(self._client, self._targets[alias], self._timeout)
+        m = self._proxies[alias]
+        headers = bearer_header(m.api_key)
+        up, reason, _ = await probe(
+            self._client, f"{m.proxy_url}{m.health_path}", self._timeout, headers=headers
+        )
         self._set(alias, up, reason)
+        if up and self._info[alias] is None:
+            self._info[alias] = await fetch_model_info(
+                self._client, m.proxy_url, self._timeout, headers, m.upstream_model
+            )
 
     def _set(self, alias: str, available: bool, reason: str) -> None:
         if self._state[alias][0] != available:

@@ -1,4 +1,8 @@
-"""The inference endpoints: read ``model``, pick the alias's route, build the outbound request.
+"""The routed endpoints: read ``model``, pick the alias's route, build the outbound request.
+
+Every llama-server endpoint a client uses (:data:`~rolemesh_gateway.common.endpoints.ROUTED`:
+OpenAI chat, completions, embeddings and Responses, Anthropic Messages, rerank, infill,
+tokenize...) is served here, routed by its ``model`` (the default alias without one).
 
 This is the hot path, kept thin: one header scan for the key, the body read against the limit
 and parsed once, only ``model`` looked at (no validation of chat bodies), the body re-dumped
@@ -9,24 +13,24 @@ from __future__ import annotations
 
 import itertools
 import os
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from ..common.asgi import Headers, Receive, Scope, Send, cancel_on_disconnect, read_json_object, target_of
+from ..common.asgi import Headers, Receive, Scope, Send, cancel_on_disconnect, read_json_object
+from ..common.endpoints import Endpoint
 from ..common.errors import BadRequest, ModelNotFound
 from ..common.relay import upstream_headers
 from .guard import Guard
 from .routes import Outbound, Route
 from .settings import Settings
 
-#: The paths served here (POST), routed by the body's ``model``.
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: A client's X-Request-Id longer than this is replaced by one of ours.
 MAX_REQUEST_ID = 200
 
 
 class Inference:
-    """``POST`` of an inference path: auth, route by ``model``, forward."""
+    """Resolves model names and builds what goes upstream; :meth:`handler` serves one endpoint."""
 
     def __init__(self, settings: Settings, routes: dict[str, Route], guard: Guard) -> None:
         self._routes = routes
@@ -45,31 +49,23 @@ class Inference:
         """The alias a client means by ``name``, if any."""
         return self._names.get(name)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: Headers = scope["headers"]
-        self._guard.client(headers)
-        body, data = await read_json_object(receive, headers, self._max_body)
-        model = data.get("model")
-        if model is None:
-            alias = self._default
-        elif type(model) is not str:
-            raise BadRequest("'model' must be a string", param="model")
-        else:
-            found = self._names.get(model)
-            if found is None:
-                raise ModelNotFound(
-                    f"model '{model}' does not exist; configured: {', '.join(self._routes)}",
-                    param="model",
-                )
-            alias = found
-        route = self._routes[alias]
-        if route.rewrite_model is not None and model != route.rewrite_model:
-            data["model"] = route.rewrite_model
-            body = orjson.dumps(data)
-        out = self._outbound(scope["method"], target_of(scope), headers, body)
-        await cancel_on_disconnect(receive, route.forward(out, send))
+    def handler(self, endpoint: Endpoint) -> EndpointHandler:
+        return EndpointHandler(self, endpoint)
 
-    def _outbound(self, method: str, target: str, headers: Headers, body: bytes) -> Outbound:
+    def route_for(self, model: object) -> Route:
+        """The route for a request's ``model`` (None: the default alias)."""
+        if model is None:
+            return self._routes[self._default]
+        if type(model) is not str:
+            raise BadRequest("'model' must be a string", param="model")
+        alias = self._names.get(model)
+        if alias is None:
+            raise ModelNotFound(
+                f"model '{model}' does not exist; configured: {', '.join(self._routes)}", param="model"
+            )
+        return self._routes[alias]
+
+    def outbound(self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool) -> Outbound:
         """What goes upstream: the client's headers cleaned, and a request id both ways."""
         rid = None
         for k, v in headers:
@@ -83,4 +79,44 @@ class Inference:
                 headers = [h for h in headers if h[0] != b"x-request-id"]
             rid = b"%s%x" % (self._rid_prefix, next(self._rid_counter))
             out = upstream_headers(headers, [(b"x-request-id", rid)])
-        return Outbound(method, target, out, body, [(b"x-request-id", rid)])
+        return Outbound(method, target, out, body, [(b"x-request-id", rid)], anthropic)
+
+
+class EndpointHandler:
+    """One routed endpoint as an ASGI handler."""
+
+    __slots__ = ("_anthropic", "_endpoint", "_inference")
+
+    def __init__(self, inference: Inference, endpoint: Endpoint) -> None:
+        self._inference = inference
+        self._endpoint = endpoint
+        self._anthropic = endpoint.dialect == "anthropic"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        inference = self._inference
+        endpoint = self._endpoint
+        headers: Headers = scope["headers"]
+        inference._guard.client(headers)
+        query: bytes = scope.get("query_string", b"")
+        if endpoint.model_in == "body":
+            body, data = await read_json_object(receive, headers, inference._max_body)
+            model = data.get("model")
+            route = inference.route_for(model)
+            if route.rewrite_model is not None and model != route.rewrite_model:
+                data["model"] = route.rewrite_model
+                body = orjson.dumps(data)
+            target = endpoint.upstream_path
+            if query:
+                target = f"{target}?{query.decode('latin-1')}"
+        else:  # GET /props?model=...: no body; the model travels in the query
+            body = b""
+            params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            model = next((v for k, v in params if k == "model"), None)
+            route = inference.route_for(model)
+            if route.rewrite_model is not None:
+                params = [(k, route.rewrite_model if k == "model" else v) for k, v in params]
+                if model is None:
+                    params.append(("model", route.rewrite_model))
+            target = f"{endpoint.upstream_path}?{urlencode(params)}" if params else endpoint.upstream_path
+        out = inference.outbound(endpoint.method, target, headers, body, self._anthropic)
+        await cancel_on_disconnect(receive, route.forward(out, send))

@@ -4,10 +4,17 @@ Both kinds of route have the same small interface: :meth:`Route.available` (can 
 and if not, why) and :meth:`Route.forward` (send one request, relay the answer), so nothing
 above this module asks which kind it has.
 
-A discovered route retries on another node only while nothing has reached the client
-(connection refused, timeout before the response head, a 5xx head). Nodes that keep failing
-are ejected for a cool-down (passive health). With ``least_busy``, a request that finds every
-node of its role at capacity waits in a bounded FIFO queue for a free slot.
+Every failure has an owner. An answer that says the *request* was bad (any 4xx, and a 500 or
+501 that carries an error body, which is how llama-server refuses an image sent to a text
+model or embeddings asked of a chat server) is the client's: it is relayed as it came, never
+retried, and never held against the node. What says the *node* is unwell is the node's:
+refused or broken connections, timeouts, 502/503/504 (llama-server's 503 "loading model"
+included), or a 5xx without an error body. A discovered route then tries the next node, as long
+as nothing has reached the client, and passive health ejects a node after
+``nodes.eject_after_failures`` such failures in a row. When its ejection ends, the node is on
+probation: one success clears it, one failure ejects it again for twice as long (up to
+``nodes.eject_max_s``). With ``least_busy``, a request that finds every node of its role at
+capacity waits in a bounded FIFO queue for a free slot.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from ..common.asgi import Headers, Send
 from ..common.auth import KeyRing
-from ..common.config import Timeouts
+from ..common.config import Timeouts, bearer_header
 from ..common.errors import (
     NoUpstreamAvailable,
     QueueFull,
@@ -36,7 +45,7 @@ from ..common.errors import (
 )
 from ..common.http1 import Client
 from ..common.protocol import NODE_KEY
-from ..common.relay import pass_through, relay
+from ..common.relay import is_buffered, pass_through, relay
 from .health import HealthMonitor
 from .registry import Node, NodeRegistry
 from .settings import DiscoveredModel, NodeSettings, ProxyModel, QueueSettings, Settings
@@ -57,6 +66,8 @@ class Outbound:
     body: bytes
     #: Added to the answer the client gets (the request id).
     reply_headers: Headers
+    #: An Anthropic Messages call: an in-band stream error takes that API's shape.
+    anthropic: bool = False
 
 
 class Route(abc.ABC):
@@ -82,6 +93,10 @@ class Route(abc.ABC):
         """What ``/v1/models`` says about this alias beside availability."""
         return {"type": self.kind}
 
+    def model_info(self) -> dict[str, Any] | None:
+        """What the backend reports about its model (llama-server's ``meta``...), if known."""
+        return None
+
 
 class FixedRoute(Route):
     """A ``type: proxy`` alias: one upstream URL, probed in the background."""
@@ -96,9 +111,13 @@ class FixedRoute(Route):
         self._client = client
         self._health = health
         self._target = f"upstream {alias} ({self.url})"
+        self._auth = bearer_header(m.api_key)
 
     def available(self) -> tuple[bool, str]:
         return self._health.status(self.alias)
+
+    def model_info(self) -> dict[str, Any] | None:
+        return self._health.model_info(self.alias)
 
     async def forward(self, out: Outbound, send: Send) -> None:
         try:
@@ -106,12 +125,13 @@ class FixedRoute(Route):
                 self._client,
                 out.method,
                 self.url + out.target,
-                out.headers,
+                [*out.headers, *self._auth] if self._auth else out.headers,
                 out.body,
                 self.timeouts,
                 send,
                 out.reply_headers,
                 self._target,
+                anthropic=out.anthropic,
             )
         except UpstreamUnreachable as exc:
             self._health.mark_failed(self.alias, exc.message)
@@ -186,27 +206,58 @@ RECHECK_S = 1.0
 
 
 class PassiveHealth:
-    """Counts a node's consecutive failures from real traffic and ejects it for a cool-down."""
+    """Judges nodes by real traffic: ejection after failures in a row, then probation."""
 
     def __init__(self, settings: NodeSettings, clock: Any = time.time) -> None:
         self.eject_after = settings.eject_after_failures
         self.eject_for_s = settings.eject_for_s
+        self.eject_max_s = settings.eject_max_s
         self._clock = clock
 
     def failed(self, node: Node, err: RoleMeshError) -> None:
+        now = self._clock()
+        if node.ejected_until > now:  # out already: requests that were in flight add nothing
+            return
+        if node.ejections:  # on probation after an ejection: one failure is enough, and longer
+            self._eject(node, now, self.eject_for_s * 2**node.ejections, err)
+            return
         node.failures += 1
         if node.failures >= self.eject_after:
-            node.ejected_until = self._clock() + self.eject_for_s
-            log.warning(
-                "node %s ejected for %.0fs after %d failures (last: %s)",
-                node.node_id,
-                self.eject_for_s,
-                node.failures,
-                err.message,
-            )
+            self._eject(node, now, self.eject_for_s, err)
+
+    def _eject(self, node: Node, now: float, for_s: float, err: RoleMeshError) -> None:
+        for_s = min(for_s, self.eject_max_s)
+        node.ejected_until = now + for_s
+        node.ejections += 1
+        node.failures = 0
+        log.warning(
+            "node %s ejected for %.0fs (ejection %d in a row; last failure: %s)",
+            node.node_id,
+            for_s,
+            node.ejections,
+            err.message,
+        )
 
     def succeeded(self, node: Node) -> None:
         node.failures = 0
+        if node.ejections:
+            log.info("node %s is serving again; off probation", node.node_id)
+            node.ejections = 0
+
+
+#: Answers that say the node cannot serve now (llama-server's 503 while it loads a model).
+NODE_UNWELL = frozenset({502, 503, 504})
+
+
+def is_error_body(body: bytes) -> bool:
+    """Does a 5xx body explain itself (llama-server's ``{"error": {...}}``)? Then it is about the request."""
+    if body[:1] != b"{":
+        return False
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("error"), dict | str)
 
 
 @dataclass(slots=True)
@@ -259,6 +310,14 @@ class DiscoveredRoute(Route):
             return False, f"no node has registered role '{self.role}'"
         return False, f"no fresh node serves role '{self.role}' ({len(nodes)} stale or ejected)"
 
+    def model_info(self) -> dict[str, Any] | None:
+        registry = self._registry
+        now = registry.clock()
+        for node in registry.nodes_for_role(self.role):
+            if node.models and self.role in node.models and registry.usable(node, now):
+                return node.models[self.role]
+        return None
+
     def describe(self) -> dict[str, Any]:
         counts = self._registry.count_for_role(self.role)
         return {
@@ -293,7 +352,7 @@ class DiscoveredRoute(Route):
         raise last
 
     async def _try(self, node: Node, out: Outbound, send: Send, final: bool) -> Outcome:
-        """One attempt on one node."""
+        """One attempt on one node; the module docstring says whose fault an answer is."""
         headers = out.headers
         key = self._node_keys.key(node.key_id) if node.key_id is not None else None
         if key is not None:
@@ -308,11 +367,21 @@ class DiscoveredRoute(Route):
                 self._passive.failed(node, exc)
                 return Retry(exc)
             try:
-                if resp.status >= 500 and not final:
-                    err = UpstreamFailed(f"{target} answered HTTP {resp.status}")
+                status = resp.status
+                body = None
+                nodes_fault = status in NODE_UNWELL
+                if status >= 500 and not nodes_fault:
+                    if is_buffered(resp):  # small: read it to see whether it explains itself
+                        body = await resp.read()
+                        nodes_fault = not is_error_body(body)
+                    else:
+                        nodes_fault = True
+                if nodes_fault:
+                    err = UpstreamFailed(f"{target} answered HTTP {status}")
                     self._passive.failed(node, err)
-                    return Retry(err)
-                await relay(resp, send, out.reply_headers, target)
+                    if not final:
+                        return Retry(err)
+                await relay(resp, send, out.reply_headers, target, body=body, anthropic=out.anthropic)
             except StreamBroken as exc:  # after the first byte: the client was told in-band
                 self._passive.failed(node, exc.error)
                 return DONE
@@ -321,7 +390,7 @@ class DiscoveredRoute(Route):
                 return Retry(exc)
             finally:
                 resp.release()
-            if resp.status < 500:
+            if not nodes_fault:
                 self._passive.succeeded(node)
             return DONE
 

@@ -58,6 +58,9 @@ class ProxyModel(Closed):
     proxy_url: HttpUrl
     upstream_model: str | None = None
     health_path: str = "/health"
+    #: Sent to the upstream (requests and probes) as ``Authorization: Bearer``, for a server
+    #: started with ``--api-key``; the client's own key never is.
+    api_key: Key | None = None
     timeouts: TimeoutsOverride | None = None
 
 
@@ -96,6 +99,9 @@ class NodeSettings(Closed):
     #: Consecutive failures before a node is ejected, and how long the ejection lasts.
     eject_after_failures: Annotated[int, Field(ge=1)] = 3
     eject_for_s: PositiveSeconds = 10.0
+    #: A node that fails again right after an ejection is ejected again for twice as long,
+    #: up to this.
+    eject_max_s: PositiveSeconds = 300.0
 
 
 class RegistrySettings(Closed):
@@ -115,6 +121,12 @@ class RegistrySettings(Closed):
         return self
 
 
+class CorsSettings(Closed):
+    """Which browser origins may call the gateway (``["*"]`` for any); none by default."""
+
+    allow_origins: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+
+
 class Settings(Closed):
     """The whole gateway configuration (``version: 1``)."""
 
@@ -128,6 +140,7 @@ class Settings(Closed):
     nodes: NodeSettings = NodeSettings()
     registry: RegistrySettings = RegistrySettings()
     queue: QueueSettings = QueueSettings()
+    cors: CorsSettings = CorsSettings()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

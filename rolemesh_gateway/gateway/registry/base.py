@@ -13,7 +13,7 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ...common.protocol import HeartbeatRequest, Load, RegisterRequest
 
@@ -40,6 +40,14 @@ class Node:
     inflight: int = 0
     failures: int = 0
     ejected_until: float = 0.0
+    #: Ejections in a row without a success since (0: in good standing; >0: on probation).
+    ejections: int = 0
+    #: Per role, what its server reports about its model (llama-server's ``meta`` ...).
+    models: dict[str, dict[str, Any]] | None = None
+
+    def reset_health(self) -> None:
+        """A clean slate: registered again, or back from stale."""
+        self.failures, self.ejected_until, self.ejections = 0, 0.0, 0
 
     def apply_load(self, load: Load) -> None:
         if load.slots_total is not None:

@@ -7,6 +7,7 @@ stays O(1) however many nodes heartbeat.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ...common.errors import RegistryFull
 from ...common.protocol import HeartbeatRequest, RegisterRequest
@@ -42,11 +43,14 @@ class MemoryRegistry(NodeRegistry):
         roles: tuple[str, ...],
         key_id: str | None,
         version: str | None,
+        models: dict[str, dict[str, Any]] | None,
         last_seen: float,
     ) -> tuple[Node, bool]:
         node = self._nodes.get(node_id)
         if node is None:
-            node = Node(node_id, base_url, roles, key_id, last_seen, last_seen, version=version)
+            node = Node(
+                node_id, base_url, roles, key_id, last_seen, last_seen, version=version, models=models
+            )
             self._nodes[node_id] = node
             self._index(node)
             return node, True
@@ -54,7 +58,7 @@ class MemoryRegistry(NodeRegistry):
             self._unindex(node)
             node.roles = roles
             self._index(node)
-        node.base_url, node.key_id, node.version = base_url, key_id, version
+        node.base_url, node.key_id, node.version, node.models = base_url, key_id, version, models
         node.last_seen = max(node.last_seen, last_seen)
         return node, False
 
@@ -73,8 +77,8 @@ class MemoryRegistry(NodeRegistry):
     def _registered(self, req: RegisterRequest, key_id: str | None, now: float) -> tuple[Node, bool]:
         """Apply an accepted registration locally: upsert, clean health slate, load."""
         roles = tuple(dict.fromkeys(req.roles))
-        node, new = self._upsert(req.node_id, req.base_url, roles, key_id, req.version, now)
-        node.failures, node.ejected_until = 0, 0.0
+        node, new = self._upsert(req.node_id, req.base_url, roles, key_id, req.version, req.models, now)
+        node.reset_health()
         node.apply_load(req)
         return node, new
 
@@ -89,7 +93,7 @@ class MemoryRegistry(NodeRegistry):
     def _touch(self, node: Node, seen: float) -> None:
         if self.is_stale(node, seen):
             # Back from the dead (partition healed, box rebooted): forget old failures.
-            node.failures, node.ejected_until = 0, 0.0
+            node.reset_health()
         node.last_seen = max(node.last_seen, seen)
 
     async def deregister(self, node_id: str) -> bool:

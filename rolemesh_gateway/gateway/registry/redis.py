@@ -96,7 +96,13 @@ class RedisRegistry(MemoryRegistry):
     async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
         now = self.clock()
         data = orjson.dumps(
-            {"base_url": req.base_url, "roles": req.roles, "key_id": key_id, "version": req.version}
+            {
+                "base_url": req.base_url,
+                "roles": req.roles,
+                "key_id": key_id,
+                "version": req.version,
+                "models": req.models,
+            }
         )
         load = _load_json(req.slots_total, req.slots_busy, req.inflight)
         existed = await self._register(keys=self._keys, args=[req.node_id, self.max_nodes, now, data, load])
@@ -149,7 +155,9 @@ class RedisRegistry(MemoryRegistry):
                 d = orjson.loads(raw)
                 present.add(node_id)
                 roles = tuple(dict.fromkeys(d["roles"]))
-                self._upsert(node_id, d["base_url"], roles, d.get("key_id"), d["version"], 0.0)
+                self._upsert(
+                    node_id, d["base_url"], roles, d.get("key_id"), d["version"], d.get("models"), 0.0
+                )
             for node_id in [n for n in self._nodes if n not in present]:
                 self._drop(node_id)
             self._version = version
