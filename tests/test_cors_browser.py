@@ -21,7 +21,7 @@ PAGE = (
   try {
     const r = await fetch(gw + "/v1/chat/completions", {
       method: "POST",
-      headers: {"Authorization": "Bearer %s", "Content-Type": "application/json"},
+      headers: {"Authorization": "Bearer CLIENT_KEY", "Content-Type": "application/json"},
       body: JSON.stringify({model: "writer", stream: true, messages: [{role: "user", content: "hi"}]}),
     });
     const reader = r.body.getReader();
@@ -39,8 +39,7 @@ PAGE = (
   }
 })();
 </script></body></html>"""
-    % CLIENT_KEY
-)
+).replace("CLIENT_KEY", CLIENT_KEY)
 
 
 def stream_from_page(
