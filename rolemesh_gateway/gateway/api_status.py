@@ -83,5 +83,11 @@ class StatusAPI:
 
     def _model_object(self, name: str, route: Route) -> dict[str, Any]:
         """An OpenAI model object, plus what the backend reports about its model."""
-        info = route.model_info() or {}
-        return {**info, "id": name, "object": "model", "created": self._created, "owned_by": "rolemesh"}
+        obj: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "rolemesh",
+        }
+        obj.update(route.model_info() or {})  # after: what we set comes first; it has none of those keys
+        return obj
