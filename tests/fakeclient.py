@@ -189,6 +189,7 @@ class FakeClient:
         body: bytes,
         timeouts: Any,
         target: str,
+        allow: Any = None,
     ) -> FakeResponse:
         call = Call(method, url, list(headers), body, timeouts, target)
         self.calls.append(call)
@@ -218,6 +219,9 @@ class FakeClient:
             return resp.status, await resp.read()
         finally:
             resp.release()
+
+    async def sweep(self) -> None:
+        return None
 
     async def close(self) -> None:
         self.closed = True

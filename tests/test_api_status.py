@@ -80,7 +80,7 @@ def test_health_is_always_200_without_a_key() -> None:
 def test_ready_follows_the_default_alias() -> None:
     async def go() -> None:
         w = World()
-        sent = await w.get("/ready", headers=[])
+        sent = await w.get("/ready")
         assert sent.status == 503
         assert sent.json() == {
             "status": "not_ready",
@@ -91,8 +91,14 @@ def test_ready_follows_the_default_alias() -> None:
         sent = await w.get("/ready", headers=[])
         assert sent.status == 200 and sent.json() == {"status": "ready", "default_model": "writer"}
         w.clock.now += 30
-        sent = await w.get("/ready", headers=[])
+        sent = await w.get("/ready")  # a client key: the details
         assert sent.status == 503 and "1 stale or ejected" in sent.json()["reason"]
+        sent = await w.get("/ready", headers=[])  # no key: general words, nothing internal
+        assert sent.status == 503 and "stale" not in sent.json()["reason"]
+        assert (
+            sent.json()["reason"]
+            == "model 'writer' has no upstream that can serve now (send a client key for details)"
+        )
 
     run(go())
 

@@ -20,7 +20,7 @@ from rolemesh_gateway.common.asgi import (
     send_error,
     send_json,
     sse_error_event,
-    target_of,
+    raw_target,
 )
 from rolemesh_gateway.common.errors import (
     BadRequest,
@@ -190,10 +190,18 @@ def test_dispatch_405_lists_the_methods_allowed() -> None:
 
 
 # -- small pieces -------------------------------------------------------------------------------
-def test_target_of_keeps_the_query_string() -> None:
-    assert target_of({"path": "/v1/x", "query_string": b"a=1&b=%20"}) == "/v1/x?a=1&b=%20"
-    assert target_of({"path": "/v1/x", "query_string": b""}) == "/v1/x"
-    assert target_of({"path": "/v1/x"}) == "/v1/x"
+def test_raw_target_keeps_the_encoding_and_the_query_string() -> None:
+    assert raw_target({"path": "/v1/x", "query_string": b"a=1&b=%20"}) == "/v1/x?a=1&b=%20"
+    assert raw_target({"path": "/v1/x", "query_string": b""}) == "/v1/x"
+    assert raw_target({"path": "/v1/a/b", "raw_path": b"/v1/a%2Fb"}) == "/v1/a%2Fb"  # as received
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/a\tHTTP/1.0\tx", "/v1/a\x00b", "/v1/a\x7fb", "/v1/slots/../../slots", "/v1/./x"]
+)
+def test_raw_target_refuses_control_characters_and_dot_segments(path: str) -> None:
+    with pytest.raises(BadRequest):
+        raw_target({"path": path, "raw_path": path.encode("latin-1")})
 
 
 def test_header_finds_the_first_value() -> None:

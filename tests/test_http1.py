@@ -223,7 +223,7 @@ def test_connect_errors_are_unreachable() -> None:
     async def go(client: Client) -> None:
         with pytest.raises(UpstreamUnreachable, match="cannot connect to dead"):
             await client.open("POST", "http://127.0.0.1:9/x", [], b"{}", Timeouts(), "dead")
-        with pytest.raises(UpstreamUnreachable, match="bad upstream URL"):
+        with pytest.raises(UpstreamUnreachable, match="bad upstream URL or header"):
             await client.open("POST", "ftp://127.0.0.1:9/x", [], b"{}", Timeouts(), "odd")
 
     run(_with_client(go))

@@ -34,7 +34,7 @@ def test_register_is_idempotent_and_updates() -> None:
     async def go() -> None:
         node, new = await r.register(req("a", "writer"), "key-1")
         assert new and r.nodes_for_role("writer") == (node,)
-        same, new = await r.register(req("a", "planner", url="http://10.0.0.2:1"), None)
+        same, new = await r.register(req("a", "planner", url="http://10.0.0.2:1"), "key-1")
         assert same is node and not new
         assert node.base_url == "http://10.0.0.2:1"
         assert r.nodes_for_role("writer") == () and r.nodes_for_role("planner") == (node,)

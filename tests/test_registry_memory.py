@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from rolemesh_gateway.common.errors import RegistryFull
+from rolemesh_gateway.common.errors import NodeOwnedElsewhere, RegistryFull
 from rolemesh_gateway.common.protocol import HeartbeatRequest, RegisterRequest
 from rolemesh_gateway.gateway.registry import MemoryRegistry, Node
 from tests.fakeclient import run
@@ -96,9 +96,9 @@ def test_register_twice_updates_in_place() -> None:
         node, new = await r.register(req("a", "chat", slots_total=4), "key-1")
         assert new and node.key_id == "key-1" and node.slots_total == 4
         clock.now += 5
-        again, new = await r.register(req("a", "chat", url="http://10.0.0.9:1"), "key-2")
+        again, new = await r.register(req("a", "chat", url="http://10.0.0.9:1"), "key-1")
         assert again is node and not new
-        assert (node.base_url, node.key_id, node.last_seen) == ("http://10.0.0.9:1", "key-2", clock())
+        assert (node.base_url, node.key_id, node.last_seen) == ("http://10.0.0.9:1", "key-1", clock())
         assert node.slots_total == 4  # load not re-sent is kept
         assert r.all_nodes() == [node] and ids(r.nodes_for_role("chat")) == ["a"]
 
@@ -235,5 +235,41 @@ def test_usable_nodes_for_many_roles_share_one_node_object() -> None:
         (code,) = r.nodes_for_role("code")
         chat.inflight = 1
         assert code is chat and code.inflight == 1  # in-flight counts are per node, not per role
+
+    run(go())
+
+
+def test_a_node_belongs_to_the_key_that_registered_it() -> None:
+    """Audit finding 6: another key can neither take over, keep alive nor remove a node."""
+
+    async def go() -> None:
+        r = make(Clock())
+        node, _ = await r.register(req("a", "chat"), "key-1")
+        with pytest.raises(NodeOwnedElsewhere) as info:
+            await r.register(req("a", "chat", url="http://10.6.6.6:1"), "key-2")
+        assert info.value.status == 403
+        assert node.base_url != "http://10.6.6.6:1"  # nothing changed
+        with pytest.raises(NodeOwnedElsewhere):
+            await r.heartbeat(HeartbeatRequest(node_id="a"), "key-2")
+        with pytest.raises(NodeOwnedElsewhere):
+            await r.deregister("a", "key-2")
+        assert r.all_nodes() == [node]
+        assert await r.deregister("a", "key-1")  # its own key may
+        await r.register(req("a", "chat"), "key-2")  # and once gone, the id is free again
+
+    run(go())
+
+
+def test_a_quota_of_nodes_per_key() -> None:
+    async def go() -> None:
+        r = MemoryRegistry(
+            stale_after_s=30, evict_after_s=300, max_nodes=100, max_nodes_per_key=2, clock=Clock()
+        )
+        await r.register(req("a", "chat"), "key-1")
+        await r.register(req("b", "chat"), "key-1")
+        with pytest.raises(RegistryFull, match="max_nodes_per_key"):
+            await r.register(req("c", "chat"), "key-1")
+        await r.register(req("a", "chat"), "key-1")  # re-registering an own node is fine
+        await r.register(req("c", "chat"), "key-2")  # another key has its own quota
 
     run(go())

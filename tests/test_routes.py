@@ -522,7 +522,7 @@ def test_describe_counts_nodes_by_state() -> None:
             await f.add(node_id)
         f.clock.now += 31
         for node_id in ("a", "b"):
-            assert await f.registry.heartbeat(HeartbeatRequest(node_id=node_id)) is not None
+            assert await f.registry.heartbeat(HeartbeatRequest(node_id=node_id), key_id(KEY_1)) is not None
         b = f.registry.nodes_for_role("chat")[1]
         b.ejected_until = f.clock.now + 5
         assert f.chat.describe() == {
@@ -631,16 +631,16 @@ def test_after_an_ejection_the_node_is_on_probation() -> None:
         assert f.state(a) == "ejected" and a.ejected_until == f.clock.now + 10
         beat = HeartbeatRequest(node_id="a")  # the node keeps heartbeating: never stale here
         f.clock.now += 10.5  # the ejection ends: on probation, not with a stale failure count
-        await f.registry.heartbeat(beat)
+        await f.registry.heartbeat(beat, key_id(KEY_1))
         assert f.state(a) == "fresh" and a.failures == 0 and a.ejections == 1
         await send_one(f.chat)  # one failure on probation ejects again, for twice as long
         assert f.state(a) == "ejected" and a.ejected_until == f.clock.now + 20
         f.clock.now += 20.5
-        await f.registry.heartbeat(beat)
+        await f.registry.heartbeat(beat, key_id(KEY_1))
         await send_one(f.chat)  # and again: 40 s, capped at eject_max_s (25)
         assert a.ejected_until == f.clock.now + 25
         f.clock.now += 25.5
-        await f.registry.heartbeat(beat)
+        await f.registry.heartbeat(beat, key_id(KEY_1))
         f.client.on(url("a"), Reply.json(200, {"ok": True}))
         assert (await send_one(f.chat)).status == 200  # one success clears the probation
         assert a.ejections == 0 and a.failures == 0

@@ -29,10 +29,10 @@ from ..common.asgi import (
     Send,
     cancel_on_disconnect,
     lifespan,
+    raw_target,
     read_json_object,
     send_error,
     send_json,
-    target_of,
 )
 from ..common.auth import KeyRing
 from ..common.config import bearer_header
@@ -101,6 +101,7 @@ class Agent:
             )
         self.supervisor.start()
         self._tasks.start("register-heartbeat", self.registrar.run())
+        self._tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
         log.info(
             "node agent %s listening for the gateway at %s; roles: %s",
             self.cfg.node_id,
@@ -159,7 +160,7 @@ class Agent:
             data["model"] = self._rewrite[role]
             body = orjson.dumps(data)
         target = f"role {role} ({backend.url})"
-        url = backend.url + target_of(scope)
+        url = backend.url + raw_target(scope)
         out = upstream_headers(headers, self._auth.get(role, []))
         self.inflight += 1
         try:
@@ -178,6 +179,7 @@ class Agent:
                 [],
                 target,
                 anthropic=anthropic,
+                write_timeout_s=self.cfg.limits.write_timeout_s,
             )
             await cancel_on_disconnect(receive, work)
         finally:

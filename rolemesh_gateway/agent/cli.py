@@ -95,6 +95,7 @@ def serve(
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
+        cfg.limits,
         app.supervisor.exiting,
     )
 

@@ -57,11 +57,21 @@ class Dispatcher:
         return handler
 
 
-def target_of(scope: Scope) -> str:
-    """The request's path with its query string, as it goes on to the upstream."""
-    query: bytes = scope.get("query_string", b"")
+def raw_target(scope: Scope) -> str:
+    """The path as the client sent it (still percent-encoded) with its query: what a proxy forwards.
+
+    Refused (400): a path whose decoded form holds control characters or dot segments, which
+    a lenient server behind us might read as another request or another file.
+    """
     path: str = scope["path"]
-    return f"{path}?{query.decode('latin-1')}" if query else path
+    if any(c < " " or c == "\x7f" for c in path):
+        raise BadRequest("the request path contains control characters")
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise BadRequest("the request path contains '.' or '..' segments")
+    raw: bytes = scope.get("raw_path") or path.encode("ascii", "strict")
+    query: bytes = scope.get("query_string", b"")
+    target = raw.decode("ascii")
+    return f"{target}?{query.decode('ascii')}" if query else target
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import INSECURE_ENV, is_loopback
+from .config import INSECURE_ENV, Limits, is_loopback
 from .logs import LOG_LEVEL_ENV, LOG_LEVELS, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -204,14 +204,17 @@ def run_server(
     log_level: str | None,
     graceful_s: int,
     access_log: bool,
+    limits: Limits,
     on_exit_signal: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``app`` under uvicorn (uvloop + httptools) on a bound socket until stopped.
+    """Run ``app`` under uvicorn (uvloop + httptools, with our client limits) until stopped.
 
     ``on_exit_signal`` is called as soon as SIGTERM or SIGINT arrives, before uvicorn starts
     waiting for requests in flight (the lifespan shutdown comes only after that wait).
     """
     import uvicorn
+
+    from .server import guarded_protocol
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -227,7 +230,8 @@ def run_server(
         host=host,
         port=port,
         loop="auto",
-        http="auto",
+        http=guarded_protocol(limits),
+        timeout_keep_alive=int(limits.keepalive_s) or 1,
         log_level=level,
         access_log=access_log,
         server_header=False,

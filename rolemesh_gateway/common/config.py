@@ -41,7 +41,13 @@ class Closed(BaseModel):
 
 
 def check_http_url(value: str) -> str:
-    """Accept only ``http(s)://host[:port][/path]`` URLs; return them without a trailing slash."""
+    """Accept only ``http(s)://host[:port][/path]`` URLs; return them without a trailing slash.
+
+    The raw string is checked too: ``urlsplit`` silently drops tabs and line breaks, which would
+    otherwise be stored, listed and logged as they came (a forged log line).
+    """
+    if any(c <= " " or c == "\x7f" for c in value):
+        raise ValueError("must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port  # raises ValueError on a bad port
@@ -49,8 +55,14 @@ def check_http_url(value: str) -> str:
         raise ValueError(f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8011")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    if parts.query or parts.fragment or parts.username or parts.password or "@" in parts.netloc:
         raise ValueError("must not carry a query, fragment or credentials")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError("has a host name that cannot be written in ASCII (IDNA)") from None
+    if not parts.path.isascii():
+        raise ValueError("must have an ASCII path (percent-encode the rest)")
     del port
     return value.rstrip("/")
 
@@ -105,9 +117,24 @@ def bearer_header(key: str | None) -> list[tuple[bytes, bytes]]:
 
 
 class Limits(Closed):
-    """Bounds on what a client may send."""
+    """Bounds on what a client may send and hold (the server side of both programs).
+
+    All but ``max_body_bytes`` and ``write_timeout_s`` are enforced by the programs' own HTTP
+    protocol (:mod:`rolemesh_gateway.common.server`), so they hold under ``rolemesh-gateway``
+    and ``rolemesh-node-agent``, not under a bare ``uvicorn`` command.
+    """
 
     max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    #: A request line and headers larger than this get 431 and the connection is closed.
+    max_head_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    #: Seconds a client has to send a whole request head, from the connection or the request's start.
+    head_timeout_s: PositiveSeconds = 10.0
+    #: Open client connections at most (and never more than half the process's file descriptors).
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    #: An idle keep-alive connection is closed after this long.
+    keepalive_s: PositiveSeconds = 5.0
+    #: A stream whose client reads nothing for this long is ended (its node slot is freed).
+    write_timeout_s: PositiveSeconds = 60.0
 
 
 class Probes(Closed):

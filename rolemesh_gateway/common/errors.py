@@ -5,15 +5,19 @@
     RoleMeshError                 status/type/code -> {"error": {...}}   (alias: GatewayError)
      ├─ BadRequest (400) ── InvalidJSON, InvalidNodeMessage
      ├─ Unauthorized (401)
+     ├─ Forbidden (403) ── NodeOwnedElsewhere
      ├─ NotFound (404) ── ModelNotFound, NodeNotFound
      ├─ MethodNotAllowed (405)
      ├─ PayloadTooLarge (413)
      ├─ RegistryFull (507)
+     ├─ RegistryUnavailable (503)
      ├─ NoUpstreamAvailable (503) ── QueueFull (429), QueueTimeout (503)
      └─ UpstreamError ─┬─ UpstreamFailed (502) ── UpstreamUnreachable
                        ├─ UpstreamTimeout (504)
+                       ├─ LoopDetected (502)  the request came back to this gateway
                        └─ Refused         the other side answered "no" (the agent's registration)
     StreamBroken      not an answer: the upstream failed after the head; the client was told in-band
+    ClientStalled     not an answer: the client stopped reading a stream; it was ended
     ConfigError       start-up only: a config problem phrased as one line
 
 Translation happens only at the edges: socket, TLS and parser errors in
@@ -84,6 +88,18 @@ class Unauthorized(RoleMeshError):
     code = "invalid_api_key"
 
 
+class Forbidden(RoleMeshError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NodeOwnedElsewhere(Forbidden):
+    """The node_id belongs to the node key that registered it first; another key may not touch it."""
+
+    code = "node_owned_by_another_key"
+
+
 class NotFound(RoleMeshError):
     status = 404
     type = "invalid_request_error"
@@ -116,6 +132,15 @@ class RegistryFull(RoleMeshError):
     status = 507
     type = "server_error"
     code = "registry_full"
+
+
+class RegistryUnavailable(RoleMeshError):
+    """The shared node registry (Redis) cannot be reached: node writes wait for it."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "registry_unavailable"
+    retry_after = 2
 
 
 class NoUpstreamAvailable(RoleMeshError):
@@ -160,6 +185,12 @@ class UpstreamUnreachable(UpstreamFailed):
     """Could not connect at all: nothing was sent, so trying another node is always safe."""
 
 
+class LoopDetected(UpstreamError):
+    """The request has passed through this gateway already (a node registered at its own URL)."""
+
+    code = "loop_detected"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
@@ -175,6 +206,13 @@ class StreamBroken(Exception):
     def __init__(self, error: RoleMeshError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class ClientStalled(Exception):
+    """The client read nothing of a stream for ``limits.write_timeout_s``: the stream was ended.
+
+    Nobody's fault upstream: the node is not held to it, and the client gets no more bytes.
+    """
 
 
 class ConfigError(Exception):

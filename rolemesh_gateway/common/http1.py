@@ -7,11 +7,16 @@ objects, header multidicts, timer objects, a stream reader); this spends a few m
 What it does, and nothing more:
 
 - keep-alive connections pooled per ``scheme://host:port``, most recently used first; a pooled
-  connection idle longer than ``keepalive_s`` is closed, not reused;
+  connection idle longer than ``keepalive_s`` is closed, not reused, and :meth:`Client.sweep`
+  (run periodically by both programs) closes it even when its origin is never used again;
 - a request that meets a pooled connection the server had already closed (no byte of answer
   came back) is sent once more on a fresh connection; nothing else is ever retried;
-- timeouts: ``connect_s`` to connect, ``first_byte_s`` for the response head, ``idle_s``
-  between body bytes, ``total_s`` for the whole exchange; one timer per exchange;
+- timeouts: ``connect_s`` to connect, ``first_byte_s`` a deadline for the whole response head
+  (a trickled head or endless ``1xx`` answers do not extend it), ``idle_s`` between body
+  bytes, ``total_s`` for the whole exchange; one timer per exchange;
+- bounds on what an upstream may send: a response head of at most ``MAX_RESPONSE_HEAD`` bytes
+  and ``MAX_RESPONSE_HEADERS`` headers, a status from 200 to 599, and for :meth:`Client.request`
+  (probes, control calls) a body of at most ``max_bytes``;
 - bodies with a length, chunked bodies and bodies that end with the connection; streamed bodies
   are handed over as they arrive, and reading from the upstream pauses while more than
   ``_HIGH_WATER`` bytes wait for a slow consumer;
@@ -26,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -40,6 +46,9 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 #: Pause reading from the upstream while this many body bytes wait for the consumer.
 _HIGH_WATER = 256 * 1024
+#: A response head larger than this, or with more headers, is a malformed answer.
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEADERS = 256
 #: At most this many idle connections are kept per upstream.
 _MAX_IDLE = 1024
 _INF = float("inf")
@@ -59,7 +68,7 @@ class Timeouts(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class FixedTimeouts:
     """A plain :class:`Timeouts` value (for small requests bounded by one figure)."""
 
     connect_s: float
@@ -135,6 +144,7 @@ class Response:
         "content_length",
         "content_type",
         "got_bytes",
+        "head_bytes",
         "head_done",
         "headers",
         "last",
@@ -155,6 +165,7 @@ class Response:
         self.content_type = ""
         self.content_length: int | None = None
         self.head_done = False
+        self.head_bytes = 0
         self.complete = False
         self.got_bytes = False
         self.until_close = False
@@ -243,6 +254,10 @@ class Response:
 
     # -- events from the connection ---------------------------------------------------------
     def on_head(self, status: int) -> None:
+        if not 200 <= status <= 599:  # 1xx are skipped before this; anything else is nonsense
+            self._fail(UpstreamFailed(f"{self.target} answered with the impossible status {status}"))
+            self._conn.abort()
+            return
         self.status = status
         self.head_done = True
         self._limit = self._timeouts.idle_s
@@ -326,13 +341,26 @@ class _Conn(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: this connection is out of step
             return
         resp.got_bytes = True
-        resp.last = self.loop.time()
+        in_head = not resp.head_done
+        if in_head:  # first_byte_s is a deadline for the whole head: bytes of it do not extend it
+            resp.head_bytes += len(data)
+        else:
+            resp.last = self.loop.time()  # idle_s counts from the last body bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             resp._fail(UpstreamFailed(f"{resp.target} sent a malformed answer: {exc}"))
             self.abort()
             return
+        if in_head:
+            if resp.head_done:
+                resp.last = self.loop.time()
+            elif resp.head_bytes > MAX_RESPONSE_HEAD:  # checked per read: at most one read past the cap
+                resp._fail(
+                    UpstreamFailed(f"{resp.target} sent a response head over {MAX_RESPONSE_HEAD} bytes")
+                )
+                self.abort()
+                return
         resp._wake()
 
     def eof_received(self) -> bool:
@@ -354,6 +382,9 @@ class _Conn(asyncio.Protocol):
         resp = self.resp
         if resp is not None and not resp.head_done:
             resp.headers.append((name.lower(), value))
+            if len(resp.headers) > MAX_RESPONSE_HEADERS:
+                resp._fail(UpstreamFailed(f"{resp.target} sent more than {MAX_RESPONSE_HEADERS} headers"))
+                self.abort()
 
     def on_headers_complete(self) -> None:
         resp = self.resp
@@ -429,6 +460,13 @@ class _Pool:
             idle.pop(0).abort()
         idle.append(conn)
 
+    def reap(self) -> None:
+        """Close what has idled longer than ``keepalive_s`` (the oldest are first)."""
+        idle = self.idle
+        now = time.monotonic()
+        while idle and now - idle[0].idle_since >= self.keepalive_s:
+            idle.pop(0).abort()
+
     def close(self) -> None:
         for conn in self.idle:
             conn.abort()
@@ -450,14 +488,19 @@ class Client:
         body: bytes,
         timeouts: Timeouts,
         target: str,
+        allow: Callable[[str], bool] | None = None,
     ) -> Response:
-        """Send a request; return once the response head arrived."""
+        """Send a request; return once the response head arrived.
+
+        ``allow``, when given, is asked about every address the host resolves to; only an
+        allowed one is connected to (a node's URL may name a host that resolves anywhere).
+        """
         key, path = split_url(url)
         try:
             host, port, tls, host_header = _origin(*key)
-        except ValueError as exc:
-            raise UpstreamUnreachable(f"bad upstream URL for {target}: {exc}") from None
-        request = _request_bytes(method, path, host_header, headers, body)
+            request = _request_bytes(method, path, host_header, headers, body)
+        except (ValueError, UnicodeError) as exc:  # a URL or header that cannot go on the wire
+            raise UpstreamUnreachable(f"bad upstream URL or header for {target}: {exc}") from None
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(self._keepalive_s)
@@ -468,7 +511,7 @@ class Client:
                 return await self._exchange(conn, request, timeouts, target, pool, head_only)
             except _Stale:
                 pass  # the server had closed it; once more on a fresh connection
-        conn = await self._connect(host, port, tls, timeouts.connect_s, target)
+        conn = await self._connect(host, port, tls, timeouts.connect_s, target, allow)
         try:
             return await self._exchange(conn, request, timeouts, target, pool, head_only)
         except _Stale:
@@ -482,14 +525,33 @@ class Client:
         body: bytes,
         timeout_s: float,
         target: str,
+        max_bytes: int = 1024 * 1024,
     ) -> tuple[int, bytes]:
-        """A small request read to its end: ``(status, body)``; at most ``timeout_s`` in all."""
+        """A small request read to its end: ``(status, body)``; at most ``timeout_s`` in all.
+
+        For probes and control calls: an answer longer than ``max_bytes`` is cut off and the
+        connection closed (a health check never needs a large body).
+        """
         limits = _limits(timeout_s)
         resp = await self.open(method, url, headers, body, limits, target)
         try:
-            return resp.status, await resp.read()
+            parts: list[bytes] = []
+            total = 0
+            while chunk := await resp.next_chunk():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise UpstreamFailed(f"{target} answered more than {max_bytes} bytes")
+                parts.append(chunk)
+            return resp.status, b"".join(parts)
         finally:
             resp.release()
+
+    async def sweep(self) -> None:
+        """Close pooled connections idle longer than ``keepalive_s``; forget empty pools."""
+        for key, pool in list(self._pools.items()):
+            pool.reap()
+            if not pool.idle:
+                del self._pools[key]
 
     async def close(self) -> None:
         for pool in self._pools.values():
@@ -511,13 +573,23 @@ class Client:
         return resp
 
     @staticmethod
-    async def _connect(host: str, port: int, tls: bool, connect_s: float, target: str) -> _Conn:
+    async def _connect(
+        host: str, port: int, tls: bool, connect_s: float, target: str, allow: Callable[[str], bool] | None
+    ) -> _Conn:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_s):
+                address = host
+                if allow is not None:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    allowed = [str(info[4][0]) for info in infos if allow(str(info[4][0]))]
+                    if not allowed:
+                        found = ", ".join(sorted({str(info[4][0]) for info in infos}))
+                        raise UpstreamUnreachable(f"{target} resolves to {found}, which nodes may not use")
+                    address = str(allowed[0])
                 _, conn = await loop.create_connection(
                     lambda: _Conn(loop),
-                    host,
+                    address,
                     port,
                     ssl=_ssl_context() if tls else None,
                     server_hostname=host if tls else None,
@@ -531,8 +603,8 @@ class Client:
 
 
 @functools.lru_cache(maxsize=16)
-def _limits(timeout_s: float) -> Limits:
-    return Limits(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s, total_s=timeout_s)
+def _limits(timeout_s: float) -> FixedTimeouts:
+    return FixedTimeouts(connect_s=timeout_s, first_byte_s=timeout_s, idle_s=timeout_s, total_s=timeout_s)
 
 
 def _request_bytes(

@@ -9,10 +9,11 @@ stream ends with an error event, any other body is left unfinished, and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from .asgi import Headers, Send, sse_error_event
-from .errors import RoleMeshError, StreamBroken
+from .errors import ClientStalled, RoleMeshError, StreamBroken
 from .http1 import Client, Response, Timeouts
 from .protocol import NODE_KEY
 
@@ -55,16 +56,67 @@ _DROP_RESPONSE = HOP_BY_HOP | {
 SSE_HEADERS: Headers = [(b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")]
 
 
+def _connection_named(headers: Headers) -> frozenset[bytes]:
+    """The header names a ``Connection`` header lists: hop-by-hop too (RFC 9110 7.6.1)."""
+    named: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return frozenset(named)
+
+
 def upstream_headers(client: Headers, extra: Headers) -> Headers:
     """The client's headers minus hop-by-hop and credentials, plus ``extra``."""
     out = [(k, v) for k, v in client if k not in _DROP_REQUEST]
+    if len(out) != len(client):  # something was dropped: maybe a Connection header naming others
+        named = _connection_named(client)
+        if named:
+            out = [(k, v) for k, v in out if k not in named]
     out.extend(extra)
     return out
 
 
 def response_headers(raw: Headers) -> Headers:
     """An upstream answer's headers (names already lower-case) minus hop-by-hop ones."""
-    return [(k, v) for k, v in raw if k not in _DROP_RESPONSE]
+    out = [(k, v) for k, v in raw if k not in _DROP_RESPONSE]
+    if len(out) != len(raw):
+        named = _connection_named(raw)
+        if named:
+            out = [(k, v) for k, v in out if k not in named]
+    return out
+
+
+#: The default of ``limits.write_timeout_s``: a stream whose client reads nothing this long ends.
+WRITE_TIMEOUT_S = 60.0
+
+
+class _StallWatch:
+    """Notices a client that stopped reading a stream (its ``send`` blocks) and cancels the relay.
+
+    One timer per stream, re-armed every half timeout, and two float writes per chunk: far
+    cheaper than a timeout around every ``send``.
+    """
+
+    __slots__ = ("_handle", "_limit", "_loop", "_task", "sending_since", "stalled")
+
+    def __init__(self, limit_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._limit = limit_s
+        self.sending_since = 0.0
+        self.stalled = False
+        self._handle = self._loop.call_later(limit_s / 2, self._check)
+
+    def _check(self) -> None:
+        since = self.sending_since
+        if since and self._loop.time() - since >= self._limit and self._task is not None:
+            self.stalled = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_later(self._limit / 2, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 #: Bodies with a length up to this size are read whole before the client gets the head, so that
@@ -94,6 +146,7 @@ async def relay(
     *,
     body: bytes | None = None,
     anthropic: bool = False,
+    write_timeout_s: float = WRITE_TIMEOUT_S,
 ) -> int:
     """Relay an upstream response to the ASGI client; returns the bytes relayed.
 
@@ -119,10 +172,26 @@ async def relay(
         headers.append((b"content-length", b"%d" % resp.content_length))
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
     total = 0
+    watch = _StallWatch(write_timeout_s)
     try:
         while chunk := await resp.next_chunk():
             total += len(chunk)
+            watch.sending_since = watch._loop.time()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watch.sending_since = 0.0
+    except asyncio.CancelledError:
+        if not watch.stalled:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        log.warning(
+            "client of %s read nothing for %gs (limits.write_timeout_s); stream ended after %d bytes",
+            target,
+            write_timeout_s,
+            total,
+        )
+        raise ClientStalled(target) from None
     except RoleMeshError as err:
         log.warning("stream from %s broke after %d bytes: %s", target, total, err.message)
         if sse:
@@ -134,6 +203,8 @@ async def relay(
                 }
             )
         raise StreamBroken(err) from err
+    finally:
+        watch.stop()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return total
 
@@ -150,12 +221,13 @@ async def pass_through(
     target: str,
     *,
     anthropic: bool = False,
+    write_timeout_s: float = WRITE_TIMEOUT_S,
 ) -> None:
     """One exchange relayed as it comes: open, relay, release (no retry, no judgement)."""
     resp = await client.open(method, url, headers, body, timeouts, target)
     try:
-        await relay(resp, send, extra_headers, target, anthropic=anthropic)
-    except StreamBroken:
-        pass  # the client was told in-band; relay logged it
+        await relay(resp, send, extra_headers, target, anthropic=anthropic, write_timeout_s=write_timeout_s)
+    except (StreamBroken, ClientStalled):
+        pass  # the client was told in-band, or stopped reading; relay logged it
     finally:
         resp.release()

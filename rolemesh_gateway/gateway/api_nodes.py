@@ -15,6 +15,7 @@ from ..common.asgi import Receive, Scope, Send, read_json_object, send_json
 from ..common.errors import NodeNotFound, wire_error
 from ..common.protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
 from .guard import Guard
+from .node_policy import NodePolicy
 from .registry import NodeRegistry
 from .settings import Settings
 
@@ -28,9 +29,10 @@ NODES_PREFIX = "/v1/nodes/"
 class NodesAPI:
     """Node membership, as the agents and operators see it."""
 
-    def __init__(self, settings: Settings, registry: NodeRegistry, guard: Guard) -> None:
+    def __init__(self, settings: Settings, registry: NodeRegistry, guard: Guard, policy: NodePolicy) -> None:
         self._registry = registry
         self._guard = guard
+        self._policy = policy
         self._stale_after_s = settings.nodes.stale_after_s
 
     async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -40,6 +42,7 @@ class NodesAPI:
             req = RegisterRequest.model_validate(data)
         except ValidationError as exc:
             raise wire_error(exc, "registration") from None
+        await self._policy.check_registration(req.base_url, scope.get("server"))
         node, new = await self._registry.register(req, key_id)
         log.info(
             "node %s %s: %s roles=%s",
@@ -55,21 +58,21 @@ class NodesAPI:
         await send_json(send, 201 if new else 200, resp.model_dump())
 
     async def heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._guard.node(scope["headers"])
+        key_id = self._guard.node(scope["headers"])
         _, data = await read_json_object(receive, scope["headers"], MAX_WIRE_BODY)
         try:
             req = HeartbeatRequest.model_validate(data)
         except ValidationError as exc:
             raise wire_error(exc, "heartbeat") from None
-        node = await self._registry.heartbeat(req)
+        node = await self._registry.heartbeat(req, key_id)
         if node is None:
             raise NodeNotFound(f"node '{req.node_id}' is not registered; register it again")
         await send_json(send, 200, {"node_id": node.node_id, "status": "ok"})
 
     async def deregister(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._guard.node(scope["headers"])
+        key_id = self._guard.node(scope["headers"])
         node_id = scope["path"][len(NODES_PREFIX) :]
-        if "/" in node_id or not await self._registry.deregister(node_id):
+        if "/" in node_id or not await self._registry.deregister(node_id, key_id):
             raise NodeNotFound(f"node '{node_id}' is not registered")
         log.info("node %s deregistered", node_id)
         await send_json(send, 200, {"node_id": node_id, "status": "deregistered"})

@@ -37,13 +37,19 @@ class StatusAPI:
         await send_json(send, 200, {"status": "ok"})
 
     async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """200 when the default alias can serve now, else 503 with the reason."""
+        """200 when the default alias can serve now, else 503 with the reason.
+
+        Without a key the reason is in general words; the details (upstream URLs, node counts)
+        only go to a caller with a client key.
+        """
         alias = self._settings.default_alias
         ok, reason = self._routes[alias].available()
         if ok:
             await send_json(send, 200, {"status": "ready", "default_model": alias})
-        else:
-            await send_json(send, 503, {"status": "not_ready", "default_model": alias, "reason": reason})
+            return
+        if not self._guard.is_client(scope["headers"]):
+            reason = f"model '{alias}' has no upstream that can serve now (send a client key for details)"
+        await send_json(send, 503, {"status": "not_ready", "default_model": alias, "reason": reason})
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The OpenAI model list of the aliases that can serve now, and why the others cannot."""

@@ -22,6 +22,7 @@ from .cors import Cors
 from .guard import Guard
 from .health import HealthMonitor
 from .inference import Inference
+from .node_policy import NodePolicy
 from .registry import NodeRegistry, make_registry
 from .routes import build_routes
 from .settings import Settings
@@ -44,12 +45,15 @@ class Gateway:
         self.registry = registry or make_registry(settings)
         self.guard = Guard(settings.auth)
         self.health = HealthMonitor(settings, self.client)
-        self.routes = build_routes(settings, self.client, self.registry, self.health, self.guard.nodes)
+        policy = NodePolicy(settings.nodes.allowed_networks)
+        self.routes = build_routes(
+            settings, self.client, self.registry, self.health, self.guard.nodes, policy.allows
+        )
         self.tasks = TaskOwner()
 
         inference = Inference(settings, self.routes, self.guard)
         status = StatusAPI(settings, self.routes, self.guard, inference)
-        nodes = NodesAPI(settings, self.registry, self.guard)
+        nodes = NodesAPI(settings, self.registry, self.guard, policy)
         self._cors = Cors(settings.cors) if settings.cors.allow_origins else None
         d = self._dispatch = Dispatcher()
         for endpoint in ROUTED:
@@ -97,6 +101,7 @@ class Gateway:
         self.tasks.every("probe-upstreams", p.interval_s, self.health.probe_all)
         sweep_every = min(60.0, self.settings.nodes.evict_after_s / 4)
         self.tasks.every("evict-stale-nodes", sweep_every, self.registry.sweep)
+        self.tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
         if self.registry.sync_interval_s is not None:
             self.tasks.every("sync-shared-registry", self.registry.sync_interval_s, self.registry.sync)
         log.info(

@@ -81,6 +81,7 @@ def serve(
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
+        settings.limits,
     )
 
 

@@ -28,6 +28,14 @@ class Guard:
             return None
         return self.clients.check_client(headers)
 
+    def is_client(self, headers: Headers) -> bool:
+        """Does the caller present a valid client key (or is the gateway open)? Never raises."""
+        try:
+            self.client(headers)
+        except Unauthorized:
+            return False
+        return True
+
     def node(self, headers: Headers) -> str | None:
         """The id of the node key presented (None in open mode); 401 without a valid one."""
         if self.open:

@@ -19,7 +19,7 @@ import orjson
 
 from ..common.asgi import Headers, Receive, Scope, Send, cancel_on_disconnect, read_json_object
 from ..common.endpoints import Endpoint
-from ..common.errors import BadRequest, ModelNotFound
+from ..common.errors import BadRequest, LoopDetected, ModelNotFound
 from ..common.relay import upstream_headers
 from .guard import Guard
 from .routes import Outbound, Route
@@ -27,6 +27,8 @@ from .settings import Settings
 
 #: A client's X-Request-Id longer than this is replaced by one of ours.
 MAX_REQUEST_ID = 200
+#: Every request this gateway forwards carries its id here; one that comes back is a loop.
+VIA = b"x-rolemesh-via"
 
 
 class Inference:
@@ -44,6 +46,8 @@ class Inference:
         # Request ids: a random per-process prefix and a counter (unique, far cheaper than uuid4).
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = itertools.count(1)
+        #: This gateway's name in ``x-rolemesh-via`` (random per process).
+        self._via = b"rolemesh-" + os.urandom(4).hex().encode()
 
     def resolve(self, name: str) -> str | None:
         """The alias a client means by ``name``, if any."""
@@ -66,19 +70,28 @@ class Inference:
         return self._routes[alias]
 
     def outbound(self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool) -> Outbound:
-        """What goes upstream: the client's headers cleaned, and a request id both ways."""
-        rid = None
+        """What goes upstream: the client's headers cleaned, a request id both ways, and our name
+        in ``x-rolemesh-via`` (a request that already carries it has looped back: refused)."""
+        rid = via = None
         for k, v in headers:
             if k == b"x-request-id":
                 rid = v
-                break
+            elif k == VIA:
+                via = v
+        extra = [(VIA, via + b", " + self._via if via else self._via)]
+        if via is not None:
+            if self._via in via:
+                raise LoopDetected(
+                    "this request has already passed through this gateway (a node points back at it?)"
+                )
+            headers = [h for h in headers if h[0] != VIA]
         if rid is not None and len(rid) <= MAX_REQUEST_ID:
-            out = upstream_headers(headers, [])  # the client's id passes through
+            out = upstream_headers(headers, extra)  # the client's id passes through
         else:
             if rid is not None:  # absurdly long: replace it
                 headers = [h for h in headers if h[0] != b"x-request-id"]
             rid = b"%s%x" % (self._rid_prefix, next(self._rid_counter))
-            out = upstream_headers(headers, [(b"x-request-id", rid)])
+            out = upstream_headers(headers, [(b"x-request-id", rid), *extra])
         return Outbound(method, target, out, body, [(b"x-request-id", rid)], anthropic)
 
 

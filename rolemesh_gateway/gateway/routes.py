@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from ..common.asgi import Headers, Send
 from ..common.auth import KeyRing
 from ..common.config import Timeouts, bearer_header
 from ..common.errors import (
+    ClientStalled,
     NoUpstreamAvailable,
     QueueFull,
     QueueTimeout,
@@ -75,11 +76,15 @@ class Route(abc.ABC):
 
     kind: str
 
-    def __init__(self, alias: str, rewrite_model: str | None, timeouts: Timeouts) -> None:
+    def __init__(
+        self, alias: str, rewrite_model: str | None, timeouts: Timeouts, write_timeout_s: float
+    ) -> None:
         self.alias = alias
         #: The ``model`` the upstream is sent, when it differs from what the client wrote.
         self.rewrite_model = rewrite_model
         self.timeouts = timeouts
+        #: A stream whose client reads nothing this long is ended (``limits.write_timeout_s``).
+        self.write_timeout_s = write_timeout_s
 
     @abc.abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -104,9 +109,15 @@ class FixedRoute(Route):
     kind = "proxy"
 
     def __init__(
-        self, alias: str, m: ProxyModel, timeouts: Timeouts, client: Client, health: HealthMonitor
+        self,
+        alias: str,
+        m: ProxyModel,
+        timeouts: Timeouts,
+        write_timeout_s: float,
+        client: Client,
+        health: HealthMonitor,
     ) -> None:
-        super().__init__(alias, m.upstream_model, timeouts)
+        super().__init__(alias, m.upstream_model, timeouts, write_timeout_s)
         self.url = m.proxy_url
         self._client = client
         self._health = health
@@ -132,6 +143,7 @@ class FixedRoute(Route):
                 out.reply_headers,
                 self._target,
                 anthropic=out.anthropic,
+                write_timeout_s=self.write_timeout_s,
             )
         except UpstreamUnreachable as exc:
             self._health.mark_failed(self.alias, exc.message)
@@ -282,13 +294,15 @@ class DiscoveredRoute(Route):
         alias: str,
         m: DiscoveredModel,
         timeouts: Timeouts,
+        write_timeout_s: float,
         queue: WaitQueue | None,
         client: Client,
         registry: NodeRegistry,
         node_keys: KeyRing,
         passive: PassiveHealth,
+        allow: Callable[[str], bool] | None = None,
     ) -> None:
-        super().__init__(alias, m.role, timeouts)
+        super().__init__(alias, m.role, timeouts, write_timeout_s)
         self.role = m.role
         self.strategy_name = m.strategy
         self.strategy: Strategy = make_strategy(m.strategy, lambda n: n.load())  # type: ignore[attr-defined]
@@ -298,6 +312,8 @@ class DiscoveredRoute(Route):
         self._registry = registry
         self._node_keys = node_keys
         self._passive = passive
+        #: Which addresses a node's URL may resolve to (``nodes.allowed_networks``).
+        self._allow = allow
 
     # -- availability ---------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:
@@ -361,11 +377,22 @@ class DiscoveredRoute(Route):
         with self._slot(node):
             try:
                 resp = await self._client.open(
-                    out.method, node.base_url + out.target, headers, out.body, self.timeouts, target
+                    out.method,
+                    node.base_url + out.target,
+                    headers,
+                    out.body,
+                    self.timeouts,
+                    target,
+                    self._allow,
                 )
             except RoleMeshError as exc:
                 self._passive.failed(node, exc)
                 return Retry(exc)
+            except Exception as exc:  # a bug or a surprise on the way out: still the node's turn to fail
+                log.exception("unexpected error sending to %s", target)
+                err = UpstreamFailed(f"{target}: unexpected error ({exc.__class__.__name__})")
+                self._passive.failed(node, err)
+                return Retry(err)
             try:
                 status = resp.status
                 body = None
@@ -381,9 +408,19 @@ class DiscoveredRoute(Route):
                     self._passive.failed(node, err)
                     if not final:
                         return Retry(err)
-                await relay(resp, send, out.reply_headers, target, body=body, anthropic=out.anthropic)
+                await relay(
+                    resp,
+                    send,
+                    out.reply_headers,
+                    target,
+                    body=body,
+                    anthropic=out.anthropic,
+                    write_timeout_s=self.write_timeout_s,
+                )
             except StreamBroken as exc:  # after the first byte: the client was told in-band
                 self._passive.failed(node, exc.error)
+                return DONE
+            except ClientStalled:  # the client stopped reading: nobody else's fault
                 return DONE
             except RoleMeshError as exc:  # the body failed before anything was sent
                 self._passive.failed(node, exc)
@@ -452,19 +489,27 @@ class DiscoveredRoute(Route):
 
 
 def build_routes(
-    settings: Settings, client: Client, registry: NodeRegistry, health: HealthMonitor, node_keys: KeyRing
+    settings: Settings,
+    client: Client,
+    registry: NodeRegistry,
+    health: HealthMonitor,
+    node_keys: KeyRing,
+    allow: Callable[[str], bool] | None = None,
 ) -> dict[str, Route]:
     """One route per configured alias."""
     passive = PassiveHealth(settings.nodes, registry.clock)
     queues: dict[str, WaitQueue] = {}  # per role: the first least_busy alias of a role sets its bounds
     routes: dict[str, Route] = {}
+    write_s = settings.limits.write_timeout_s
     for alias, m in settings.models.items():
         timeouts = settings.timeouts_for(alias)
         if isinstance(m, ProxyModel):
-            routes[alias] = FixedRoute(alias, m, timeouts, client, health)
+            routes[alias] = FixedRoute(alias, m, timeouts, write_s, client, health)
         else:
             queue = None
             if m.strategy == "least_busy":
                 queue = queues.setdefault(m.role, WaitQueue(m.queue or settings.queue))
-            routes[alias] = DiscoveredRoute(alias, m, timeouts, queue, client, registry, node_keys, passive)
+            routes[alias] = DiscoveredRoute(
+                alias, m, timeouts, write_s, queue, client, registry, node_keys, passive, allow
+            )
     return routes

@@ -8,6 +8,7 @@ secrets can stay out of the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -35,6 +36,14 @@ from .strategies import STRATEGIES
 CONFIG_ENV = "ROLE_MESH_CONFIG"
 #: Environment variable overriding ``nodes.stale_after_s`` (the guide's contract).
 STALE_ENV = "ROLE_MESH_NODE_STALE_AFTER_S"
+
+
+def check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("is not a network; write it as CIDR, e.g. 10.0.0.0/8 or 127.0.0.1/32") from None
+    return value
 
 
 def check_strategy(value: str) -> str:
@@ -102,6 +111,11 @@ class NodeSettings(Closed):
     #: A node that fails again right after an ejection is ejected again for twice as long,
     #: up to this.
     eject_max_s: PositiveSeconds = 300.0
+    #: How many nodes one node key may register (none: only ``max_nodes`` bounds it).
+    max_nodes_per_key: Annotated[int, Field(gt=0)] | None = None
+    #: Where a node's ``base_url`` may point (CIDRs), checked at registration and again at connect
+    #: time. Unset: anywhere but link-local, unspecified and multicast addresses.
+    allowed_networks: tuple[Annotated[str, AfterValidator(check_network)], ...] | None = None
 
 
 class RegistrySettings(Closed):

@@ -17,6 +17,7 @@ def make_registry(settings: Settings) -> NodeRegistry:
         "stale_after_s": settings.nodes.stale_after_s,
         "evict_after_s": settings.nodes.evict_after_s,
         "max_nodes": settings.nodes.max_nodes,
+        "max_nodes_per_key": settings.nodes.max_nodes_per_key,
     }
     r = settings.registry
     if r.backend == "redis":

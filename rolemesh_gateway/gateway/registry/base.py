@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...common.errors import NodeOwnedElsewhere
 from ...common.protocol import HeartbeatRequest, Load, RegisterRequest
 
 NodeState = Literal["fresh", "stale", "ejected"]
@@ -74,11 +75,13 @@ class NodeRegistry(abc.ABC):
         stale_after_s: float,
         evict_after_s: float,
         max_nodes: int,
+        max_nodes_per_key: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.stale_after_s = stale_after_s
         self.evict_after_s = evict_after_s
         self.max_nodes = max_nodes
+        self.max_nodes_per_key = max_nodes_per_key
         self.clock = clock
 
     #: How often :meth:`sync` should run; ``None`` when the registry is local only.
@@ -98,14 +101,19 @@ class NodeRegistry(abc.ABC):
 
     @abc.abstractmethod
     async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
-        """Add or update a node; returns it and whether it is new. Raises RegistryFull."""
+        """Add or update a node; returns it and whether it is new.
+
+        A node belongs to the key that registered it first (until it is evicted or
+        deregistered): another key gets NodeOwnedElsewhere. Raises RegistryFull at
+        ``max_nodes`` (or ``max_nodes_per_key`` for that key).
+        """
 
     @abc.abstractmethod
-    async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
+    async def heartbeat(self, req: HeartbeatRequest, key_id: str | None = None) -> Node | None:
         """Mark a node fresh and store its load; ``None`` if the node is unknown."""
 
     @abc.abstractmethod
-    async def deregister(self, node_id: str) -> bool:
+    async def deregister(self, node_id: str, key_id: str | None = None) -> bool:
         """Remove a node; False if it was not registered."""
 
     @abc.abstractmethod
@@ -118,6 +126,15 @@ class NodeRegistry(abc.ABC):
 
     @abc.abstractmethod
     def all_nodes(self) -> list[Node]: ...
+
+    @staticmethod
+    def check_owner(node_id: str, owner: str | None, key_id: str | None) -> None:
+        """Refuse a write to a node under another key than the one it registered with."""
+        if owner != key_id:
+            raise NodeOwnedElsewhere(
+                f"node '{node_id}' was registered with another node key; only that key may change it "
+                "(or wait until it is evicted)"
+            )
 
     def is_stale(self, node: Node, now: float) -> bool:
         """No heartbeat for ``stale_after_s``: no traffic, but still listed."""

@@ -70,8 +70,17 @@ class MemoryRegistry(NodeRegistry):
         return True
 
     async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
-        if req.node_id not in self._nodes and len(self._nodes) >= self.max_nodes:
-            raise RegistryFull(f"the registry is full ({self.max_nodes} nodes)")
+        known = self._nodes.get(req.node_id)
+        if known is not None:
+            self.check_owner(req.node_id, known.key_id, key_id)
+        else:
+            if len(self._nodes) >= self.max_nodes:
+                raise RegistryFull(f"the registry is full ({self.max_nodes} nodes)")
+            quota = self.max_nodes_per_key
+            if quota is not None and sum(1 for n in self._nodes.values() if n.key_id == key_id) >= quota:
+                raise RegistryFull(
+                    f"this node key has registered {quota} nodes already (nodes.max_nodes_per_key)"
+                )
         return self._registered(req, key_id, self.clock())
 
     def _registered(self, req: RegisterRequest, key_id: str | None, now: float) -> tuple[Node, bool]:
@@ -82,10 +91,11 @@ class MemoryRegistry(NodeRegistry):
         node.apply_load(req)
         return node, new
 
-    async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
+    async def heartbeat(self, req: HeartbeatRequest, key_id: str | None = None) -> Node | None:
         node = self._nodes.get(req.node_id)
         if node is None:
             return None
+        self.check_owner(req.node_id, node.key_id, key_id)
         self._touch(node, self.clock())
         node.apply_load(req)
         return node
@@ -96,7 +106,11 @@ class MemoryRegistry(NodeRegistry):
             node.reset_health()
         node.last_seen = max(node.last_seen, seen)
 
-    async def deregister(self, node_id: str) -> bool:
+    async def deregister(self, node_id: str, key_id: str | None = None) -> bool:
+        node = self._nodes.get(node_id)
+        if node is None:
+            return False
+        self.check_owner(node_id, node.key_id, key_id)
         return self._drop(node_id)
 
     async def sweep(self) -> list[str]:

@@ -7,7 +7,12 @@ gateway keeps the in-memory view of :class:`MemoryRegistry` and refreshes it eve
 ``registry.sync_interval_s`` (last-seen times and load always; node data only when the shared
 membership version moved), so routing never waits for Redis.
 
-Layout under ``<prefix>:``: ``nodes`` hash id -> JSON (url, roles, key id, version),
+A node belongs to the key that registered it: the scripts compare the key id stored with the
+node to the caller's, so no gateway can let another key take it over. When Redis cannot be
+reached, node writes answer 503 (:class:`RegistryUnavailable`), the outage is logged once each
+way, and routing goes on from the local view.
+
+Layout under ``<prefix>:``: ``nodes`` hash id -> JSON (url, roles, key id, version, models),
 ``seen`` sorted set id -> last heartbeat (wall-clock seconds), ``load`` hash id -> JSON,
 ``version`` counter bumped on every membership change.
 """
@@ -19,35 +24,73 @@ from typing import Any
 
 import orjson
 
-from ...common.errors import RegistryFull
+from ...common.errors import RegistryFull, RegistryUnavailable
 from ...common.protocol import HeartbeatRequest, RegisterRequest
 from .base import Node
 from .memory import MemoryRegistry
 
 log = logging.getLogger("rolemesh.registry")
 
-_REGISTER = """
-local exists = redis.call('HEXISTS', KEYS[1], ARGV[1])
-if exists == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+#: Connect and read timeout for Redis calls, in seconds.
+REDIS_TIMEOUT_S = 0.8
+
+# A node's owner is the key id stored in its JSON ('' in open mode). cjson is built into Redis.
+_OWNER = """
+local function owner(raw)
+  local k = cjson.decode(raw)['key_id']
+  if k == cjson.null or k == nil then return '' end
+  return k
+end
+"""
+_REGISTER = (
+    _OWNER
+    + """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  if owner(cur) ~= ARGV[6] then return -2 end
+else
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+  local quota = tonumber(ARGV[7])
+  if quota > 0 then
+    local n = 0
+    for _, raw in ipairs(redis.call('HVALS', KEYS[1])) do
+      if owner(raw) == ARGV[6] then n = n + 1 end
+    end
+    if n >= quota then return -3 end
+  end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 redis.call('INCR', KEYS[4])
-return exists
+if cur then return 1 end
+return 0
 """
-_HEARTBEAT = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+)
+_HEARTBEAT = (
+    _OWNER
+    + """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if owner(cur) ~= ARGV[4] then return -2 end
 redis.call('ZADD', KEYS[2], 'GT', ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) end
 return 1
 """
-_DEREGISTER = """
-local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+)
+_DEREGISTER = (
+    _OWNER
+    + """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if owner(cur) ~= ARGV[2] then return -2 end
+redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-if removed == 1 then redis.call('INCR', KEYS[4]) end
-return removed
+redis.call('INCR', KEYS[4])
+return 1
 """
+)
 _EVICT = """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 for _, id in ipairs(gone) do
@@ -77,7 +120,25 @@ class RedisRegistry(MemoryRegistry):
             ) from exc
         self.url = url
         self.sync_interval_s = sync_interval_s
-        self._redis = aioredis.from_url(url, decode_responses=False)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # Fail fast when Redis is away: node writes answer 503 within a second, and routing goes
+        # on from the local view; the agents retry with back-off.
+        self._redis = aioredis.from_url(
+            url,
+            decode_responses=False,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._errors: tuple[type[BaseException], ...] = (
+            aioredis.ConnectionError,
+            aioredis.TimeoutError,
+            OSError,
+        )
+        #: Why Redis is unreachable, while it is (logged once when it goes, once when it is back).
+        self.outage: str | None = None
         self._keys = [f"{prefix}:{name}" for name in ("nodes", "seen", "load", "version")]
         self._version: bytes | None = None
         self._register = self._redis.register_script(_REGISTER)
@@ -93,6 +154,33 @@ class RedisRegistry(MemoryRegistry):
     async def close(self) -> None:
         await self._redis.aclose()
 
+    # -- outages ----------------------------------------------------------------------------
+    def _down(self, exc: BaseException) -> RegistryUnavailable:
+        reason = str(exc) or exc.__class__.__name__
+        if self.outage is None:
+            log.error(
+                "shared node registry at %s is unreachable (%s): routing goes on from this gateway's "
+                "view; node registrations and heartbeats get 503 until it is back",
+                self.url,
+                reason,
+            )
+        self.outage = reason
+        return RegistryUnavailable(f"the node registry is unavailable ({reason}); retry shortly")
+
+    def _up(self) -> None:
+        if self.outage is not None:
+            log.warning("shared node registry at %s is reachable again", self.url)
+            self.outage = None
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            result = await script(keys=keys, args=args)
+        except self._errors as exc:
+            raise self._down(exc) from None
+        self._up()
+        return result
+
+    # -- writes ------------------------------------------------------------------------------
     async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
         now = self.clock()
         data = orjson.dumps(
@@ -105,22 +193,34 @@ class RedisRegistry(MemoryRegistry):
             }
         )
         load = _load_json(req.slots_total, req.slots_busy, req.inflight)
-        existed = await self._register(keys=self._keys, args=[req.node_id, self.max_nodes, now, data, load])
+        quota = self.max_nodes_per_key or 0
+        args = [req.node_id, self.max_nodes, now, data, load, key_id or "", quota]
+        existed = await self._call(self._register, self._keys, args)
         if existed == -1:
             raise RegistryFull(f"the shared registry is full ({self.max_nodes} nodes)")
+        if existed == -2:
+            self.check_owner(req.node_id, "another key", key_id)
+        if existed == -3:
+            raise RegistryFull(
+                f"this node key has registered {quota} nodes already (nodes.max_nodes_per_key)"
+            )
         node, _ = self._registered(req, key_id, now)
         return node, existed == 0
 
-    async def heartbeat(self, req: HeartbeatRequest) -> Node | None:
+    async def heartbeat(self, req: HeartbeatRequest, key_id: str | None = None) -> Node | None:
         node = self._nodes.get(req.node_id)
         if node is None:  # maybe registered through another gateway since our last sync
             await self.sync()
             node = self._nodes.get(req.node_id)
         now = self.clock()
         if node is not None:
+            self.check_owner(req.node_id, node.key_id, key_id)
             node.apply_load(req)
         load = _load_json(node.slots_total, node.slots_busy, node.reported_inflight) if node else b""
-        if not await self._heartbeat(keys=self._keys[:3], args=[req.node_id, now, load]):
+        done = await self._call(self._heartbeat, self._keys[:3], [req.node_id, now, load, key_id or ""])
+        if done == -2:
+            self.check_owner(req.node_id, "another key", key_id)
+        if not done:
             if node is not None:  # removed elsewhere
                 self._drop(req.node_id)
             return None
@@ -128,19 +228,36 @@ class RedisRegistry(MemoryRegistry):
         self._touch(node, now)
         return node
 
-    async def deregister(self, node_id: str) -> bool:
-        removed = await self._deregister(keys=self._keys, args=[node_id])
+    async def deregister(self, node_id: str, key_id: str | None = None) -> bool:
+        removed = await self._call(self._deregister, self._keys, [node_id, key_id or ""])
+        if removed == -2:
+            self.check_owner(node_id, "another key", key_id)
         return bool(self._drop(node_id) or removed)
 
     async def sweep(self) -> list[str]:
-        gone = await self._evict(keys=self._keys, args=[self.clock() - self.evict_after_s])
+        try:
+            gone = await self._call(self._evict, self._keys, [self.clock() - self.evict_after_s])
+        except RegistryUnavailable:
+            return []  # said once already; eviction waits for Redis
         ids = [g.decode() if isinstance(g, bytes) else str(g) for g in gone]
         for node_id in ids:
             self._drop(node_id)
         return ids
 
     async def sync(self) -> None:
-        """Pull last-seen times and load for all nodes; node data when membership changed."""
+        """Pull last-seen times and load for all nodes; node data when membership changed.
+
+        While Redis is unreachable the local view stays as it was (routing goes on) and the
+        outage is logged once, not on every sync.
+        """
+        try:
+            await self._sync()
+        except self._errors as exc:
+            self._down(exc)
+            return
+        self._up()
+
+    async def _sync(self) -> None:
         nodes_key, seen_key, load_key, version_key = self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(version_key)
