@@ -6,6 +6,7 @@ Roles point at :class:`FakeUpstream` servers (``url`` roles) or at the stand-in 
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -271,3 +272,48 @@ def test_refuses_public_bind_without_node_key(tmp_path: Path) -> None:
     out = public_bind()
     assert out.returncode == 2
     assert "refusing to listen on 0.0.0.0 without node_key" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/v1/a%09HTTP/1.0%09x",  # a tab in the request line a lenient server would split on
+        b"/v1/a%00b",
+        b"/v1/a%7Fb",
+        b"/v1/slots%2F..%2F..%2Fslots",  # dot segments, once decoded
+        b"/v1/./chat/completions",
+    ],
+)
+def test_odd_paths_are_refused_with_an_openai_error_and_never_reach_the_server(
+    upstreams: Up, agent: Ag, raw: bytes
+) -> None:
+    """Audit findings 9 and 15: the agent forwarded the decoded path (control characters, dot
+    segments) and a non-Latin-1 one crashed it with a plain 500."""
+    up = upstreams("planner")
+    a = agent(agent_config(planner={"url": up.url}))
+    with socket.create_connection(("127.0.0.1", a.port), timeout=10) as s:
+        body = b'{"model": "planner"}'
+        s.sendall(
+            b"POST "
+            + raw
+            + b" HTTP/1.1\r\nhost: x\r\nx-rolemesh-node-key: "
+            + NODE_KEY.encode()
+            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % len(body)
+            + body
+        )
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+    assert up.seen == []
+
+
+def test_a_non_latin1_path_is_forwarded_encoded_not_crashed(upstreams: Up, agent: Ag) -> None:
+    up = upstreams("planner")
+    a = agent(agent_config(planner={"url": up.url}))
+    r = httpx.post(f"{a.url}/v1/%E2%82%AC", json={"model": "planner"}, headers=KEY)
+    assert r.status_code == 404  # the server's own answer (it has no such path), relayed
+    assert "Traceback" not in a.log_text() and "UnicodeEncodeError" not in a.log_text()

@@ -7,6 +7,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -437,3 +438,142 @@ def test_https_verifies_certificates_and_honours_ssl_cert_file(tmp_path: Path) -
         await server.wait_closed()
 
     run(go())
+
+
+# -- what an upstream may send (audit findings 3, 4, 9, 12, 17) ---------------------------------------
+def test_an_endless_response_head_is_cut_at_the_cap() -> None:
+    """Finding 3: a head of 128 MiB used to cost memory, quadratic CPU and every client's latency."""
+
+    async def go(client: Client) -> None:
+        pushed = 0
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal pushed
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+            while pushed < 128 * 1024 * 1024:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                pushed += 65536
+
+        async with Server(handler) as srv:
+            with pytest.raises(UpstreamFailed, match="response head over 65536 bytes"):
+                await client.open("GET", srv.url, [], b"", Timeouts(first_byte_s=30), "up")
+        assert pushed < 8 * 1024 * 1024  # cut within a read or two of the cap, not at the end
+
+    run(_with_client(go))
+
+
+def test_too_many_response_headers_and_impossible_statuses_are_malformed() -> None:
+    """Finding 9: a status of 600 or more used to crash the relay (KeyError in the server)."""
+
+    async def go(client: Client) -> None:
+        answers = [
+            b"HTTP/1.1 200 OK\r\n"
+            + b"".join(b"x-%d: 1\r\n" % i for i in range(300))
+            + b"content-length: 0\r\n\r\n",
+            b"HTTP/1.1 999 Nope\r\ncontent-length: 0\r\n\r\n",
+        ]
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            writer.write(answers.pop(0))
+            await writer.drain()
+
+        async with Server(handler) as srv:
+            with pytest.raises(UpstreamFailed, match="more than 256 headers"):
+                await client.open("GET", srv.url, [], b"", Timeouts(), "up")
+            with pytest.raises(UpstreamFailed, match="impossible status 999"):
+                await client.open("GET", srv.url, [], b"", Timeouts(), "up")
+
+    run(_with_client(go))
+
+
+@pytest.mark.parametrize("kind", ["trickled head", "endless 100 Continue"])
+def test_first_byte_s_is_a_deadline_for_the_whole_head(kind: str) -> None:
+    """Finding 12: a trickled head or endless 1xx answers used to keep the client waiting forever."""
+
+    async def go(client: Client) -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            if kind == "trickled head":
+                writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+            for _ in range(100):  # 10 s of keeping the connection busy, without ever a whole head
+                writer.write(b"a" if kind == "trickled head" else b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+        async with Server(handler) as srv:
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeout, match="did not answer in time"):
+                await client.open("GET", srv.url, [], b"", Timeouts(first_byte_s=1, idle_s=1), "up")
+            assert time.monotonic() - started < 5  # the 1 s deadline, not the 10 s of trickle
+
+    run(_with_client(go))
+
+
+def test_control_requests_read_a_bounded_body() -> None:
+    """Finding 4: one health probe of an endless body used to buffer 1.6 GiB."""
+
+    async def go(client: Client) -> None:
+        pushed = 0
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal pushed
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            while pushed < 1024 * 1024 * 1024:
+                writer.write(b"10000\r\n" + b"a" * 65536 + b"\r\n")
+                await writer.drain()
+                pushed += 65536
+
+        async with Server(handler) as srv:
+            with pytest.raises(UpstreamFailed, match="answered more than 1048576 bytes"):
+                await client.request("GET", srv.url + "/health", [], b"", 5, "probe")
+        assert pushed < 32 * 1024 * 1024
+
+    run(_with_client(go))
+
+
+def test_idle_pooled_connections_are_swept_even_if_their_origin_is_never_used_again() -> None:
+    """Finding 17: connections to a node that went away stayed open for good."""
+
+    async def go() -> None:
+        client = Client(keepalive_s=0.2)
+        try:
+
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                while True:
+                    await srv.read_request(reader)
+                    writer.write(OK)
+                    await writer.drain()
+
+            async with Server(handler) as srv:
+                await client.request("GET", srv.url, [], b"", 5, "up")
+                assert client._pools  # pooled
+                await asyncio.sleep(0.3)
+                await client.sweep()
+                assert not client._pools  # closed and forgotten
+                await asyncio.wait_for(srv.closed.wait(), 5)  # the server saw the connection go
+        finally:
+            await client.close()
+
+    run(go())
+
+
+def test_an_address_policy_is_asked_about_every_address_a_name_resolves_to() -> None:
+    async def go(client: Client) -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+
+        async with Server(handler) as srv:
+            url = srv.url.replace("127.0.0.1", "localhost")
+            with pytest.raises(UpstreamUnreachable, match="which nodes may not use"):
+                await client.open("GET", url, [], b"", Timeouts(), "node n", lambda ip: ip.startswith("10."))
+            resp = await client.open("GET", url, [], b"", Timeouts(), "node n", lambda ip: ip == "127.0.0.1")
+            assert resp.status == 200
+            resp.release()
+
+    run(_with_client(go))

@@ -222,3 +222,10 @@ def test_pass_through_relays_a_5xx_as_is() -> None:
         assert client.all_released()
 
     run(go())
+
+
+def test_headers_named_in_connection_are_dropped_from_answers_too() -> None:
+    """Audit finding 11 (RFC 9110 7.6.1): a header the upstream names in Connection is hop-by-hop."""
+    raw = [(b"content-type", b"application/json"), (b"connection", b"keep-alive, X-Hop"), (b"x-hop", b"1")]
+    assert response_headers(raw) == [(b"content-type", b"application/json")]
+    assert response_headers([(b"x-hop", b"1")]) == [(b"x-hop", b"1")]  # not named: kept

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -387,3 +388,50 @@ def test_network_partition_node_goes_stale_traffic_moves_and_returns(
             assert served == {"hello from n1", "hello from n2"}
     finally:
         gw.stop()
+
+
+def test_clients_that_stop_reading_a_stream_free_the_nodes_slots(
+    gateway: Gw, upstreams: Callable[..., Any]
+) -> None:
+    """Audit finding 5: two stalled readers used to pin a 2-slot node as full for good, so every
+    other request of a least_busy role queued and timed out."""
+    node = upstreams("n", chunks=200_000)  # tens of MB of SSE, written as fast as it is taken
+    cfg = config(
+        strategy="least_busy",
+        limits={"write_timeout_s": 1},
+        queue={"max_size": 10, "max_wait_s": 20},
+    )
+    gw = gateway(cfg)
+    body = {"node_id": "n", "base_url": node.url, "roles": ["writer"], "slots_total": 2}
+    r = httpx.post(f"{gw.url}/v1/nodes/register", json=body, headers={"X-RoleMesh-Node-Key": NODE_KEY})
+    assert r.status_code == 201
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-api-key: "
+        + CLIENT_KEY.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: 17\r\n\r\n"
+        + b'{"stream": true}\n'
+    )
+    stalled = []
+    for _ in range(2):  # they ask for a stream and never read a byte of it
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(request)
+        stalled.append(s)
+    try:
+        with gw.client() as c:
+            wait_until(
+                lambda: c.get("/v1/nodes").json()["data"][0]["inflight"] == 2,
+                5,
+                "both slots taken by the stalled",
+            )
+            started = time.monotonic()
+            wait_until(lambda: c.get("/v1/nodes").json()["data"][0]["inflight"] == 0, 10, "the slots freed")
+            assert time.monotonic() - started < 8  # the 1 s write timeout, not forever
+            node.chunks = 2
+            r = c.post("/v1/chat/completions", json={"messages": []})
+            assert r.status_code == 200  # served at once, not queued behind the stalled ones
+        assert "read nothing for 1s (limits.write_timeout_s)" in gw.log_text()
+    finally:
+        for s in stalled:
+            s.close()
