@@ -15,12 +15,12 @@ from rolemesh_gateway.common.asgi import (
     cancel_on_disconnect,
     header,
     lifespan,
+    raw_target,
     read_body,
     read_json_object,
     send_error,
     send_json,
     sse_error_event,
-    raw_target,
 )
 from rolemesh_gateway.common.errors import (
     BadRequest,
