@@ -6,6 +6,7 @@ uvicorn before it listens, with one line that says what is wrong.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .common.errors import ConfigError
@@ -21,7 +22,9 @@ def _build() -> Gateway:
     except ConfigError as exc:
         print(f"rolemesh-gateway: config error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    return create_app(settings)
+    # The CLI's --access-log, for the guide's bare uvicorn command (whose own access log says less).
+    access = os.environ.get("ROLE_MESH_ACCESS_LOG", "").lower() in ("1", "true", "yes")
+    return create_app(settings, access_log=access)
 
 
 app = _build()

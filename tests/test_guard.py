@@ -67,5 +67,5 @@ def test_node_key_is_read_from_its_header_not_from_client_headers() -> None:
 
 
 def test_the_same_key_cannot_be_both_kinds() -> None:
-    with pytest.raises(ValueError, match="both a client key and a node key"):
+    with pytest.raises(ValueError, match="both a node key and a client or admin key"):
         AuthSettings(client_api_keys=("shared",), node_api_keys=("shared",))

@@ -88,7 +88,7 @@ def test_bad_stale_env(value: str) -> None:
         ),
         (
             {**base(), "auth": {"client_api_keys": ["k"], "node_api_keys": ["k"]}},
-            "both a client key and a node key",
+            "both a node key and a client or admin key",
         ),
         ({**base(), "timeouts": {"connect_s": 0}}, "timeouts.connect_s: got 0"),
         ({**base(), "models": {}}, "models:"),

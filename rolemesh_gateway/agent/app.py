@@ -20,10 +20,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..common.asgi import (
     Dispatcher,
     Headers,
+    Message,
     Receive,
     Scope,
     Send,
@@ -31,6 +33,7 @@ from ..common.asgi import (
     lifespan,
     raw_target,
     read_json_object,
+    send_bytes,
     send_error,
     send_json,
 )
@@ -48,6 +51,7 @@ from ..common.http1 import Client
 from ..common.relay import pass_through, upstream_headers
 from ..common.tasks import TaskOwner
 from .config import AgentConfig
+from .metrics import AgentStats, exposition
 from .registration import Registrar
 from .supervisor import Supervisor
 
@@ -64,12 +68,14 @@ class Agent:
         self.supervisor = Supervisor(cfg, self.client)
         self.registrar = Registrar(cfg, self.client, self.supervisor, lambda: self.inflight)
         self._tasks = TaskOwner()
+        self.stats = AgentStats()
         self._keys = KeyRing([cfg.node_key] if cfg.node_key else [])
         self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
         self._auth = {role: bearer_header(rc.api_key) for role, rc in cfg.roles.items() if rc.api_key}
         d = self._dispatch = Dispatcher()
         d.add("GET", "/health", self._health)
         d.add("GET", "/v1/models", self._models)
+        d.add("GET", "/metrics", self._metrics)
         for method, path in UPSTREAM:
             d.add(method, path, self._proxy)
         d.add_prefix("POST", "/v1/", self._proxy)  # any other OpenAI-style endpoint of llama-server
@@ -133,6 +139,10 @@ class Agent:
         detail = {role: b.describe() for role, b in self.supervisor.backends.items()}
         await send_json(send, 200, {"object": "list", "data": data, "rolemesh": {"roles": detail}})
 
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await exposition(self.supervisor, self.stats, self.client)
+        await send_bytes(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
         if scope["method"] == "GET":  # GET /props?model=<role>
@@ -163,6 +173,7 @@ class Agent:
         url = backend.url + raw_target(scope)
         out = upstream_headers(headers, self._auth.get(role, []))
         self.inflight += 1
+        status = _Status(send)
         try:
             # Kept alive when the backend allows it. llama-server closes its end after a
             # streamed answer; the client then drops that connection from its pool (or, if the
@@ -175,7 +186,7 @@ class Agent:
                 out,
                 body,
                 self.cfg.timeouts,
-                send,
+                status,
                 [],
                 target,
                 anthropic=anthropic,
@@ -184,6 +195,22 @@ class Agent:
             await cancel_on_disconnect(receive, work)
         finally:
             self.inflight -= 1
+            self.stats.requests[(role, status.status or 499)] += 1
+
+
+class _Status:
+    """``send``, remembering the status of the answer (for the request counter)."""
+
+    __slots__ = ("_send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
 
 
 def create_app(cfg: AgentConfig, client: Client | None = None) -> Agent:

@@ -66,12 +66,13 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     log_level: str | None = None,
+    log_format: str | None = None,
     graceful_timeout: int | None = None,
     access_log: bool | None = None,
     allow_insecure_bind: bool | None = None,
 ) -> int:
     """Validate, check the bind address is safe, bind, then run the agent until stopped."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     path = _require(config)
     try:
         cfg = load_config(path, overrides={"host": host, "port": port})

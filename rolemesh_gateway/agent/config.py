@@ -65,6 +65,8 @@ class LlamaServerSpec(Closed):
     model: Annotated[str, Field(min_length=1)]
     args: Annotated[tuple[str, ...], AfterValidator(_check_args)] = ()
     binary: Annotated[str, Field(min_length=1)] | None = None
+    #: Start it with ``--metrics``, so the agent's ``/metrics`` carries its ``llamacpp:*`` series.
+    metrics: bool = True
 
 
 class RoleConfig(Closed):

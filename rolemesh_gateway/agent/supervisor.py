@@ -300,12 +300,15 @@ def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
     """The command line of a role's llama-server on ``127.0.0.1:port``.
 
     The agent owns ``--host``, ``--port`` and ``-m`` (the config refuses them in ``args``) and
-    adds ``--alias <role>`` unless one is given, so answers name the role, not a file path.
+    adds ``--alias <role>`` unless one is given, so answers name the role, not a file path, and
+    ``--metrics`` (unless ``metrics: false``) for the agent's ``/metrics``.
     """
     assert spec.binary is not None, "resolved by the config preflight"
     argv = [spec.binary, "-m", spec.model, "--host", "127.0.0.1", "--port", str(port)]
     if not any(a.split("=", 1)[0] in ("-a", "--alias") for a in spec.args):
         argv += ["--alias", role]
+    if spec.metrics and "--metrics" not in spec.args:
+        argv.append("--metrics")
     return argv + list(spec.args)
 
 

@@ -196,7 +196,7 @@ def sse_error_event(exc: RoleMeshError, *, anthropic: bool = False) -> bytes:
 WATCH_AFTER_S = 0.05
 
 
-async def cancel_on_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[object]) -> None:
     """Run ``work``; if the client hangs up first, cancel it (frees the upstream slot)."""
     task = asyncio.current_task()
     assert task is not None

@@ -14,6 +14,7 @@ import hmac
 from collections.abc import Iterable
 
 from .asgi import Headers
+from .config import NamedKey
 from .errors import Unauthorized
 from .protocol import NODE_KEY
 
@@ -30,12 +31,25 @@ def bearer(value: bytes) -> bytes | None:
     return None
 
 
-class KeyRing:
-    """A set of keys of one kind (client keys, node keys)."""
+def entries(keys: Iterable[str | NamedKey]) -> list[tuple[str, str]]:
+    """``(name, key)`` of config key entries; a plain string is named after its hash."""
+    return [(k.name, k.key) if isinstance(k, NamedKey) else (key_id(k), k) for k in keys]
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = tuple((k.encode("ascii"), key_id(k)) for k in keys)
+
+class KeyRing:
+    """A set of keys of one kind (client keys, node keys, admin keys)."""
+
+    def __init__(self, keys: Iterable[str | NamedKey]) -> None:
+        named = entries(keys)
+        self._keys = tuple((k.encode("ascii"), key_id(k)) for _, k in named)
         self._by_id = {kid: raw for raw, kid in self._keys}
+        self._names = {key_id(k): name for name, k in named}
+
+    def name(self, kid: str | None) -> str:
+        """The name of a key id (for metrics and logs): its configured name, or the id itself."""
+        if kid is None:
+            return "anonymous"
+        return self._names.get(kid, kid)
 
     def __bool__(self) -> bool:
         return bool(self._keys)

@@ -89,6 +89,19 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 Key = Annotated[str, Field(min_length=1), AfterValidator(check_header_value)]
 
 
+class NamedKey(BaseModel):
+    """A key with a name: the name (never the key) appears in metrics and logs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, AfterValidator(lambda v: check_name(v))]
+    key: Key
+
+
+#: A key as written in the config: a plain string (named after its hash) or ``{name, key}``.
+KeyEntry = Key | NamedKey
+
+
 class Timeouts(Closed):
     """Timeouts in seconds for talking to an upstream. ``total_s`` null means no overall limit."""
 

@@ -65,9 +65,10 @@ def _connection_named(headers: Headers) -> frozenset[bytes]:
     return frozenset(named)
 
 
-def upstream_headers(client: Headers, extra: Headers) -> Headers:
-    """The client's headers minus hop-by-hop and credentials, plus ``extra``."""
-    out = [(k, v) for k, v in client if k not in _DROP_REQUEST]
+def upstream_headers(client: Headers, extra: Headers, replace: tuple[bytes, ...] = ()) -> Headers:
+    """The client's headers minus hop-by-hop, credentials and ``replace``, plus ``extra``."""
+    drop = _DROP_REQUEST.union(replace) if replace else _DROP_REQUEST
+    out = [(k, v) for k, v in client if k not in drop]
     if len(out) != len(client):  # something was dropped: maybe a Connection header naming others
         named = _connection_named(client)
         if named:
@@ -222,12 +223,20 @@ async def pass_through(
     *,
     anthropic: bool = False,
     write_timeout_s: float = WRITE_TIMEOUT_S,
-) -> None:
-    """One exchange relayed as it comes: open, relay, release (no retry, no judgement)."""
+) -> str:
+    """One exchange relayed as it comes: open, relay, release (no retry, no judgement).
+
+    Returns how it went, in the words of ``rolemesh_upstream_attempts_total``: ``ok``,
+    ``http_error`` (a 5xx answer, relayed) or ``broken`` (failed after the head); failures
+    before anything was sent are raised.
+    """
     resp = await client.open(method, url, headers, body, timeouts, target)
     try:
         await relay(resp, send, extra_headers, target, anthropic=anthropic, write_timeout_s=write_timeout_s)
-    except (StreamBroken, ClientStalled):
-        pass  # the client was told in-band, or stopped reading; relay logged it
+    except StreamBroken:
+        return "broken"  # the client was told in-band; relay logged it
+    except ClientStalled:
+        return "ok"  # the client stopped reading; nothing wrong upstream
     finally:
         resp.release()
+    return "http_error" if resp.status >= 500 else "ok"

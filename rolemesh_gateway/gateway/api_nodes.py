@@ -78,8 +78,8 @@ class NodesAPI:
         await send_json(send, 200, {"node_id": node_id, "status": "deregistered"})
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Every node, fresh or not, with its state by the same rule routing uses."""
-        self._guard.client(scope["headers"])
+        """Every node, fresh or not, with its state by the same rule routing uses (operators only)."""
+        self._guard.admin(scope["headers"])
         registry = self._registry
         now = registry.clock()
         nodes: list[dict[str, Any]] = []

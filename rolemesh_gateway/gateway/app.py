@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..common.asgi import Dispatcher, Receive, Scope, Send, header, lifespan, send_error
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..common.asgi import Dispatcher, Message, Receive, Scope, Send, header, lifespan, send_bytes, send_error
 from ..common.endpoints import ANTHROPIC_PATHS, ROUTED
 from ..common.errors import RoleMeshError
 from ..common.http1 import Client
+from ..common.logs import RequestLog, current_request
 from ..common.tasks import TaskOwner
 from ..common.version import __version__
 from .api_nodes import NODES_PREFIX, NodesAPI
@@ -22,6 +25,7 @@ from .cors import Cors
 from .guard import Guard
 from .health import HealthMonitor
 from .inference import Inference
+from .metrics import Collector, Stats, exposition
 from .node_policy import NodePolicy
 from .registry import NodeRegistry, make_registry
 from .routes import build_routes
@@ -38,20 +42,26 @@ class Gateway:
     """
 
     def __init__(
-        self, settings: Settings, registry: NodeRegistry | None = None, client: Client | None = None
+        self,
+        settings: Settings,
+        registry: NodeRegistry | None = None,
+        client: Client | None = None,
+        access_log: bool = False,
     ) -> None:
         self.settings = settings
+        self.stats = Stats()
         self.client = client or Client(keepalive_s=30.0)
         self.registry = registry or make_registry(settings)
         self.guard = Guard(settings.auth)
         self.health = HealthMonitor(settings, self.client)
         policy = NodePolicy(settings.nodes.allowed_networks)
         self.routes = build_routes(
-            settings, self.client, self.registry, self.health, self.guard.nodes, policy.allows
+            settings, self.client, self.registry, self.health, self.guard.nodes, policy.allows, self.stats
         )
         self.tasks = TaskOwner()
+        self.collector = Collector(self.stats, self.registry, self.routes)
 
-        inference = Inference(settings, self.routes, self.guard)
+        inference = self.inference = Inference(settings, self.routes, self.guard, self.stats, access_log)
         status = StatusAPI(settings, self.routes, self.guard, inference)
         nodes = NodesAPI(settings, self.registry, self.guard, policy)
         self._cors = Cors(settings.cors) if settings.cors.allow_origins else None
@@ -67,9 +77,16 @@ class Gateway:
         d.add("POST", "/v1/nodes/register", nodes.register)
         d.add("POST", "/v1/nodes/heartbeat", nodes.heartbeat)
         d.add_prefix("DELETE", NODES_PREFIX, nodes.deregister)
+        d.add("GET", "/metrics", self.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            # Every answer, errors included, carries the request id; every log line about the
+            # request too (through the context variable).
+            rid = self.inference.request_id(scope["headers"])
+            scope["rolemesh.request_id"] = rid
+            current_request.set(RequestLog(rid.decode("ascii")))
+            send = _with_request_id(send, rid)
             if self._cors is not None:
                 origin = header(scope["headers"], b"origin")
                 if origin is not None and self._cors.allowed(origin):
@@ -83,6 +100,13 @@ class Gateway:
                 await send_error(send, exc, anthropic=scope["path"] in ANTHROPIC_PATHS)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /metrics``: the Prometheus exposition (an admin key, or a client key without any)."""
+        self.guard.admin(scope["headers"])
+        await send_bytes(
+            send, 200, exposition(self.collector), [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+        )
 
     async def startup(self) -> None:
         """Probe once (so the first answers are right), then start the background loops."""
@@ -118,8 +142,20 @@ class Gateway:
         await self.client.close()
 
 
+def _with_request_id(send: Send, rid: bytes) -> Send:
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], (b"x-request-id", rid)]
+        await send(message)
+
+    return send_with_id
+
+
 def create_app(
-    settings: Settings, registry: NodeRegistry | None = None, client: Client | None = None
+    settings: Settings,
+    registry: NodeRegistry | None = None,
+    client: Client | None = None,
+    access_log: bool = False,
 ) -> Gateway:
     """Build the gateway ASGI app from validated settings."""
-    return Gateway(settings, registry, client)
+    return Gateway(settings, registry, client, access_log)

@@ -55,12 +55,13 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     log_level: str | None = None,
+    log_format: str | None = None,
     graceful_timeout: int | None = None,
     access_log: bool | None = None,
     allow_insecure_bind: bool | None = None,
 ) -> int:
     """Validate, check the bind address is safe, bind, then run the gateway until stopped."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         settings = load_settings(config)
     except ConfigError as exc:
@@ -76,7 +77,7 @@ def serve(
 
     return run_server(
         PROGRAM,
-        create_app(settings),
+        create_app(settings, access_log=bool(access_log)),
         sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,

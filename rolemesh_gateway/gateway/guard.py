@@ -1,4 +1,5 @@
-"""Who may call what: client keys for inference and status, node keys for the node API.
+"""Who may call what: client keys for inference and status, node keys for the node API, admin
+keys (when there are any; else client keys) for operator endpoints.
 
 A client key never works as a node key, nor the reverse (the settings refuse a key in both
 lists). With no key of either kind configured the gateway is open (a loud warning at start);
@@ -19,6 +20,7 @@ class Guard:
     def __init__(self, auth: AuthSettings) -> None:
         self.clients = KeyRing(auth.client_api_keys)
         self.nodes = KeyRing(auth.node_api_keys)
+        self.admins = KeyRing(auth.admin_api_keys)
         #: No keys at all: anyone may call anything.
         self.open = not self.clients and not self.nodes
 
@@ -27,6 +29,12 @@ class Guard:
         if self.open:
             return None
         return self.clients.check_client(headers)
+
+    def admin(self, headers: Headers) -> str | None:
+        """Operator endpoints: an admin key when admin keys are configured, else a client key."""
+        if self.admins:
+            return self.admins.check_client(headers)
+        return self.client(headers)
 
     def is_client(self, headers: Headers) -> bool:
         """Does the caller present a valid client key (or is the gateway open)? Never raises."""

@@ -12,16 +12,21 @@ only when the route rewrites ``model``, and one list of upstream headers built.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
+import time
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from ..common.asgi import Headers, Receive, Scope, Send, cancel_on_disconnect, read_json_object
+from ..common.asgi import Headers, Message, Receive, Scope, Send, cancel_on_disconnect, read_json_object
 from ..common.endpoints import Endpoint
-from ..common.errors import BadRequest, LoopDetected, ModelNotFound
+from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshError
+from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from .guard import Guard
+from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
 
@@ -34,9 +39,19 @@ VIA = b"x-rolemesh-via"
 class Inference:
     """Resolves model names and builds what goes upstream; :meth:`handler` serves one endpoint."""
 
-    def __init__(self, settings: Settings, routes: dict[str, Route], guard: Guard) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: dict[str, Route],
+        guard: Guard,
+        stats: Stats,
+        access_log: bool = False,
+    ) -> None:
         self._routes = routes
         self._guard = guard
+        self.stats = stats
+        #: One log line per request (``--access-log``).
+        self.access_log = access_log
         self._default = settings.default_alias
         self._max_body = settings.limits.max_body_bytes
         #: Every name a client may use for an alias (its key and its openai_model_name).
@@ -69,34 +84,100 @@ class Inference:
             )
         return self._routes[alias]
 
-    def outbound(self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool) -> Outbound:
-        """What goes upstream: the client's headers cleaned, a request id both ways, and our name
-        in ``x-rolemesh-via`` (a request that already carries it has looped back: refused)."""
-        rid = via = None
+    def outbound(
+        self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool, rid: bytes
+    ) -> Outbound:
+        """What goes upstream: the client's headers cleaned, the request id, and our name in
+        ``x-rolemesh-via`` (a request that already carries it has looped back: refused)."""
+        via = None
+        for k, v in headers:
+            if k == VIA:
+                via = v
+                break
+        extra = [(b"x-request-id", rid), (VIA, via + b", " + self._via if via else self._via)]
+        if via is not None and self._via in via:
+            raise LoopDetected(
+                "this request has already passed through this gateway (a node points back at it?)"
+            )
+        drop = (b"x-request-id", VIA)
+        return Outbound(method, target, upstream_headers(headers, extra, drop), body, [], anthropic)
+
+    def request_id(self, headers: Headers) -> bytes:
+        """The client's ``X-Request-Id`` when it is short and printable; else a new one."""
         for k, v in headers:
             if k == b"x-request-id":
-                rid = v
-            elif k == VIA:
-                via = v
-        extra = [(VIA, via + b", " + self._via if via else self._via)]
-        if via is not None:
-            if self._via in via:
-                raise LoopDetected(
-                    "this request has already passed through this gateway (a node points back at it?)"
-                )
-            headers = [h for h in headers if h[0] != VIA]
-        if rid is not None and len(rid) <= MAX_REQUEST_ID:
-            out = upstream_headers(headers, extra)  # the client's id passes through
+                if 0 < len(v) <= MAX_REQUEST_ID and v.isascii() and v.decode("ascii").isprintable():
+                    return v
+                break
+        return b"%s%x" % (self._rid_prefix, next(self._rid_counter))
+
+
+class Watch:
+    """The client's ``send``, seen on its way: status, first content, token usage."""
+
+    __slots__ = ("_send", "first_at", "status", "stream", "usage")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+        self.stream = False
+        self.first_at: float | None = None
+        self.usage: tuple[int, int] | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            for k, v in message["headers"]:
+                if k == b"content-type":
+                    self.stream = v.startswith(b"text/event-stream")
         else:
-            if rid is not None:  # absurdly long: replace it
-                headers = [h for h in headers if h[0] != b"x-request-id"]
-            rid = b"%s%x" % (self._rid_prefix, next(self._rid_counter))
-            out = upstream_headers(headers, [(b"x-request-id", rid), *extra])
-        return Outbound(method, target, out, body, [(b"x-request-id", rid)], anthropic)
+            body = message.get("body", b"")
+            if body:
+                if self.stream:
+                    if self.first_at is None and _CONTENT.search(body):
+                        self.first_at = time.perf_counter()
+                    if b'"usage"' in body:
+                        self._events_usage(body)
+                elif b'"usage"' in body:
+                    self._take_usage(_json(body))
+        await self._send(message)
+
+    def _events_usage(self, body: bytes) -> None:
+        for line in body.split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                self._take_usage(_json(line[5:].strip()))
+
+    def _take_usage(self, data: object) -> None:
+        """Usage as OpenAI (prompt/completion_tokens) or Anthropic and Responses (input/output)
+        write it; a later report replaces an earlier one (a stream may repeat it)."""
+        if not isinstance(data, dict):
+            return
+        for where in (data, data.get("message"), data.get("response")):
+            usage = where.get("usage") if isinstance(where, dict) else None
+            if not isinstance(usage, dict):
+                continue
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+            completion = usage.get("completion_tokens", usage.get("output_tokens"))
+            old = self.usage or (0, 0)
+            self.usage = (
+                prompt if type(prompt) is int else old[0],
+                completion if type(completion) is int else old[1],
+            )
+
+
+#: The first SSE event that carries content: chat and completions text, Anthropic text deltas.
+_CONTENT = re.compile(rb'"(?:content|text)":\s*"[^"]')
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class EndpointHandler:
-    """One routed endpoint as an ASGI handler."""
+    """One routed endpoint as an ASGI handler: route by ``model``, forward, count."""
 
     __slots__ = ("_anthropic", "_endpoint", "_inference")
 
@@ -108,28 +189,89 @@ class EndpointHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         inference = self._inference
         endpoint = self._endpoint
-        headers: Headers = scope["headers"]
-        inference._guard.client(headers)
-        query: bytes = scope.get("query_string", b"")
-        if endpoint.model_in == "body":
-            body, data = await read_json_object(receive, headers, inference._max_body)
-            model = data.get("model")
-            route = inference.route_for(model)
-            if route.rewrite_model is not None and model != route.rewrite_model:
-                data["model"] = route.rewrite_model
-                body = orjson.dumps(data)
-            target = endpoint.upstream_path
-            if query:
-                target = f"{target}?{query.decode('latin-1')}"
-        else:  # GET /props?model=...: no body; the model travels in the query
-            body = b""
-            params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-            model = next((v for k, v in params if k == "model"), None)
-            route = inference.route_for(model)
-            if route.rewrite_model is not None:
-                params = [(k, route.rewrite_model if k == "model" else v) for k, v in params]
-                if model is None:
-                    params.append(("model", route.rewrite_model))
-            target = f"{endpoint.upstream_path}?{urlencode(params)}" if params else endpoint.upstream_path
-        out = inference.outbound(endpoint.method, target, headers, body, self._anthropic)
-        await cancel_on_disconnect(receive, route.forward(out, send))
+        started = time.perf_counter()
+        watch = Watch(send)
+        alias = UNKNOWN
+        client = "anonymous"
+        status = 500
+        stats = inference.stats
+        req = current_request.get()
+        try:
+            headers: Headers = scope["headers"]
+            client = inference._guard.clients.name(inference._guard.client(headers))
+            if req is not None:
+                req.client = client
+            query: bytes = scope.get("query_string", b"")
+            if endpoint.model_in == "body":
+                body, data = await read_json_object(receive, headers, inference._max_body)
+                model = data.get("model")
+                route = inference.route_for(model)
+                if route.rewrite_model is not None and model != route.rewrite_model:
+                    data["model"] = route.rewrite_model
+                    body = orjson.dumps(data)
+                target = endpoint.upstream_path
+                if query:
+                    target = f"{target}?{query.decode('latin-1')}"
+            else:  # GET /props?model=...: no body; the model travels in the query
+                body = b""
+                params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+                model = next((v for k, v in params if k == "model"), None)
+                route = inference.route_for(model)
+                if route.rewrite_model is not None:
+                    params = [(k, route.rewrite_model if k == "model" else v) for k, v in params]
+                    if model is None:
+                        params.append(("model", route.rewrite_model))
+                target = f"{endpoint.upstream_path}?{urlencode(params)}" if params else endpoint.upstream_path
+            alias = route.alias
+            if req is not None:
+                req.alias = alias
+            rid = scope.get("rolemesh.request_id") or inference.request_id(headers)
+            out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
+            stats.inflight[alias] += 1
+            try:
+                await cancel_on_disconnect(receive, route.forward(out, watch))
+            finally:
+                stats.inflight[alias] -= 1
+            status = watch.status or 499  # 499: the client left before an answer
+        except RoleMeshError as exc:
+            status = exc.status
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            ttft = watch.first_at - started if watch.first_at is not None else None
+            stats.finished(alias, endpoint.path, status, seconds, client, ttft, watch.usage)
+            if inference.access_log:
+                _access(req, endpoint, status, seconds, ttft, watch.usage)
+
+
+access_log = logging.getLogger("rolemesh.access")
+
+
+def _access(
+    req: RequestLog | None,
+    endpoint: Endpoint,
+    status: int,
+    seconds: float,
+    ttft: float | None,
+    usage: tuple[int, int] | None,
+) -> None:
+    """One line per request (``--access-log``): fields as ``extra`` for the JSON format."""
+    fields = {
+        "endpoint": endpoint.path,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 3),
+        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        "prompt_tokens": usage[0] if usage else None,
+        "completion_tokens": usage[1] if usage else None,
+    }
+    access_log.info(
+        "%s %s %d %.1fms client=%s alias=%s node=%s",
+        endpoint.method,
+        endpoint.path,
+        status,
+        seconds * 1000,
+        req.client if req else None,
+        req.alias if req else None,
+        req.node if req else None,
+        extra=fields,
+    )

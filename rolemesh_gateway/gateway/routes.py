@@ -42,12 +42,15 @@ from ..common.errors import (
     RoleMeshError,
     StreamBroken,
     UpstreamFailed,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from ..common.http1 import Client
+from ..common.logs import current_request
 from ..common.protocol import NODE_KEY
 from ..common.relay import is_buffered, pass_through, relay
 from .health import HealthMonitor
+from .metrics import Stats
 from .registry import Node, NodeRegistry
 from .settings import DiscoveredModel, NodeSettings, ProxyModel, QueueSettings, Settings
 from .strategies import Strategy, make_strategy
@@ -85,6 +88,8 @@ class Route(abc.ABC):
         self.timeouts = timeouts
         #: A stream whose client reads nothing this long is ended (``limits.write_timeout_s``).
         self.write_timeout_s = write_timeout_s
+        #: Where attempts and queue refusals are counted (set by :func:`build_routes`).
+        self.stats = Stats()
 
     @abc.abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -131,8 +136,9 @@ class FixedRoute(Route):
         return self._health.model_info(self.alias)
 
     async def forward(self, out: Outbound, send: Send) -> None:
+        attempts = self.stats.attempts
         try:
-            await pass_through(
+            outcome = await pass_through(
                 self._client,
                 out.method,
                 self.url + out.target,
@@ -146,8 +152,13 @@ class FixedRoute(Route):
                 write_timeout_s=self.write_timeout_s,
             )
         except UpstreamUnreachable as exc:
+            attempts[(self.alias, self.alias, "connect_error")] += 1
             self._health.mark_failed(self.alias, exc.message)
             raise
+        except RoleMeshError as exc:
+            attempts[(self.alias, self.alias, attempt_outcome(exc))] += 1
+            raise
+        attempts[(self.alias, self.alias, outcome)] += 1
 
 
 class WaitQueue:
@@ -259,6 +270,15 @@ class PassiveHealth:
 
 #: Answers that say the node cannot serve now (llama-server's 503 while it loads a model).
 NODE_UNWELL = frozenset({502, 503, 504})
+
+
+def attempt_outcome(exc: RoleMeshError) -> str:
+    """How a failed attempt is counted in ``rolemesh_upstream_attempts_total``."""
+    if isinstance(exc, UpstreamUnreachable):
+        return "connect_error"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    return "broken"
 
 
 def is_error_body(body: bytes) -> bool:
@@ -374,6 +394,10 @@ class DiscoveredRoute(Route):
         if key is not None:
             headers = [*headers, (NODE_KEY, key)]
         target = f"node {node.node_id} ({node.base_url})"
+        req = current_request.get()
+        if req is not None:
+            req.node = node.node_id
+        attempts = self.stats.attempts
         with self._slot(node):
             try:
                 resp = await self._client.open(
@@ -386,11 +410,13 @@ class DiscoveredRoute(Route):
                     self._allow,
                 )
             except RoleMeshError as exc:
+                attempts[(self.alias, node.node_id, attempt_outcome(exc))] += 1
                 self._passive.failed(node, exc)
                 return Retry(exc)
             except Exception as exc:  # a bug or a surprise on the way out: still the node's turn to fail
                 log.exception("unexpected error sending to %s", target)
                 err = UpstreamFailed(f"{target}: unexpected error ({exc.__class__.__name__})")
+                attempts[(self.alias, node.node_id, "broken")] += 1
                 self._passive.failed(node, err)
                 return Retry(err)
             try:
@@ -407,6 +433,7 @@ class DiscoveredRoute(Route):
                     err = UpstreamFailed(f"{target} answered HTTP {status}")
                     self._passive.failed(node, err)
                     if not final:
+                        attempts[(self.alias, node.node_id, "http_error")] += 1
                         return Retry(err)
                 await relay(
                     resp,
@@ -418,15 +445,19 @@ class DiscoveredRoute(Route):
                     write_timeout_s=self.write_timeout_s,
                 )
             except StreamBroken as exc:  # after the first byte: the client was told in-band
+                attempts[(self.alias, node.node_id, "broken")] += 1
                 self._passive.failed(node, exc.error)
                 return DONE
             except ClientStalled:  # the client stopped reading: nobody else's fault
+                attempts[(self.alias, node.node_id, "ok")] += 1
                 return DONE
             except RoleMeshError as exc:  # the body failed before anything was sent
+                attempts[(self.alias, node.node_id, attempt_outcome(exc))] += 1
                 self._passive.failed(node, exc)
                 return Retry(exc)
             finally:
                 resp.release()
+            attempts[(self.alias, node.node_id, "http_error" if status >= 500 else "ok")] += 1
             if not nodes_fault:
                 self._passive.succeeded(node)
             return DONE
@@ -468,7 +499,14 @@ class DiscoveredRoute(Route):
                     return node
                 if not any(eligible(n) for n in nodes):
                     raise NoUpstreamAvailable(self._none_message(tried))
-                ticket = await self.queue.wait(ticket, deadline, self.role)
+                try:
+                    ticket = await self.queue.wait(ticket, deadline, self.role)
+                except QueueFull:
+                    self.stats.queue_rejected[(self.alias, "full")] += 1
+                    raise
+                except QueueTimeout:
+                    self.stats.queue_rejected[(self.alias, "timeout")] += 1
+                    raise
         finally:
             if self.queue is not None:
                 self.queue.leave(ticket)
@@ -495,9 +533,11 @@ def build_routes(
     health: HealthMonitor,
     node_keys: KeyRing,
     allow: Callable[[str], bool] | None = None,
+    stats: Stats | None = None,
 ) -> dict[str, Route]:
     """One route per configured alias."""
     passive = PassiveHealth(settings.nodes, registry.clock)
+    stats = stats or Stats()
     queues: dict[str, WaitQueue] = {}  # per role: the first least_busy alias of a role sets its bounds
     routes: dict[str, Route] = {}
     write_s = settings.limits.write_timeout_s
@@ -505,6 +545,7 @@ def build_routes(
         timeouts = settings.timeouts_for(alias)
         if isinstance(m, ProxyModel):
             routes[alias] = FixedRoute(alias, m, timeouts, write_s, client, health)
+            routes[alias].stats = stats
         else:
             queue = None
             if m.strategy == "least_busy":
@@ -512,4 +553,5 @@ def build_routes(
             routes[alias] = DiscoveredRoute(
                 alias, m, timeouts, write_s, queue, client, registry, node_keys, passive, allow
             )
+            routes[alias].stats = stats
     return routes

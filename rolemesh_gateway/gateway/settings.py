@@ -19,8 +19,10 @@ from ..common.config import (
     Closed,
     HttpUrl,
     Key,
+    KeyEntry,
     Limits,
     Name,
+    NamedKey,
     PositiveSeconds,
     Probes,
     Timeouts,
@@ -89,13 +91,29 @@ ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type"
 
 
 class AuthSettings(Closed):
-    client_api_keys: tuple[Key, ...] = ()
-    node_api_keys: tuple[Key, ...] = ()
+    client_api_keys: tuple[KeyEntry, ...] = ()
+    node_api_keys: tuple[KeyEntry, ...] = ()
+    #: Keys for operator endpoints (/metrics, GET /v1/nodes, ...); none: client keys do.
+    admin_api_keys: tuple[KeyEntry, ...] = ()
 
     @model_validator(mode="after")
     def _keys_disjoint(self) -> AuthSettings:
-        if set(self.client_api_keys) & set(self.node_api_keys):
-            raise ValueError("a key may not be both a client key and a node key")
+        def values(keys: tuple[KeyEntry, ...]) -> set[str]:
+            return {k.key if isinstance(k, NamedKey) else k for k in keys}
+
+        clients, nodes, admins = (
+            values(self.client_api_keys),
+            values(self.node_api_keys),
+            values(self.admin_api_keys),
+        )
+        if clients & nodes or admins & nodes:
+            raise ValueError("a key may not be both a node key and a client or admin key")
+        if clients & admins:
+            raise ValueError("a key may not be both a client key and an admin key")
+        for kind, keys in (("client", self.client_api_keys), ("node", self.node_api_keys)):
+            names = [k.name for k in keys if isinstance(k, NamedKey)]
+            if len(names) != len(set(names)):
+                raise ValueError(f"two {kind} keys have the same name")
         return self
 
 

@@ -229,3 +229,21 @@ def test_quickstart_smoke_answers_the_guides_curls_in_under_a_minute(llama_serve
     assert 'base_url = "http://127.0.0.1:8000/v1"' in text and 'api_key  = "change-me-client-key"' in text
     assert "deregistered node quickstart-node" in (ROOT / ".rolemesh" / "agent.log").read_text()
     wait_until(lambda: pgrep_llama() <= before, 5, "quickstart's llama-servers gone")
+
+
+def test_agent_metrics_show_the_llama_servers_counters_rising(stack: Stack) -> None:
+    """The agent starts llama-server with --metrics and re-exposes its series with a role label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def prompt_tokens() -> float:
+        r = httpx.get(f"{stack.agent.url}/metrics", headers={"X-RoleMesh-Node-Key": NODE_KEY}, timeout=10)
+        assert r.status_code == 200
+        for family in text_string_to_metric_families(r.text):
+            for s in family.samples:
+                if s.name == "llamacpp:prompt_tokens_total" and s.labels.get("role") == "planner":
+                    return float(s.value)
+        raise AssertionError("no llamacpp:prompt_tokens_total{role=planner} in the agent's /metrics")
+
+    before = prompt_tokens()
+    assert serving(stack.gateway, "planner")
+    wait_until(lambda: prompt_tokens() > before, 5, "llamacpp:prompt_tokens_total to rise")

@@ -148,7 +148,20 @@ class FakeUpstream:
             "model": body.get("model", self.name),
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }
-        await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        await resp.write(f"data: {json.dumps(done)}\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": self.chunks,
+                    "total_tokens": 5 + self.chunks,
+                },
+            }
+            await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 

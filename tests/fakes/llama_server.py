@@ -18,6 +18,7 @@ p.add_argument("-m", required=True)
 p.add_argument("--host", required=True)
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--alias")
+p.add_argument("--metrics", action="store_true")
 p.add_argument("--load-delay", type=float, default=0.0)
 p.add_argument("--crash", type=int, default=None)
 p.add_argument("--ignore-term", action="store_true")
@@ -54,6 +55,14 @@ class H(BaseHTTPRequestHandler):
             if a.unhealthy_after is not None and age > a.unhealthy_after:
                 return self.reply(500, {"error": {"code": 500, "message": "wedged"}})
             return self.reply(200, {"status": "ok", "argv": sys.argv[1:], "pid": os.getpid()})
+        if self.path == "/metrics" and a.metrics:
+            body = b"# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total 7\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return None
         if self.path == "/slots":
             return self.reply(200, [{"id": i, "is_processing": i == 0} for i in range(a.slots)])
         self.reply(404, {"error": {"message": "not found"}})
