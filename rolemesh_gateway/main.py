@@ -24,7 +24,7 @@ def _build() -> Gateway:
         raise SystemExit(2) from None
     # The CLI's --access-log, for the guide's bare uvicorn command (whose own access log says less).
     access = os.environ.get("ROLE_MESH_ACCESS_LOG", "").lower() in ("1", "true", "yes")
-    return create_app(settings, access_log=access)
+    return create_app(settings, access_log=access, config_path=os.environ.get("ROLE_MESH_CONFIG"))
 
 
 app = _build()

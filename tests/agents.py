@@ -49,6 +49,11 @@ class AgentProcess(ServiceProcess):
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
+    def signal_nowait(self, sig: int) -> None:
+        """Send ``sig`` and return at once (the test watches what happens meanwhile)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def signal(self, sig: int) -> int:
         """Send ``sig`` and wait (bounded) for the agent to exit; returns its exit status."""
         assert self.proc is not None

@@ -92,7 +92,7 @@ def test_ready_follows_the_default_alias() -> None:
         assert sent.status == 200 and sent.json() == {"status": "ready", "default_model": "writer"}
         w.clock.now += 30
         sent = await w.get("/ready")  # a client key: the details
-        assert sent.status == 503 and "1 stale or ejected" in sent.json()["reason"]
+        assert sent.status == 503 and "1 stale, ejected or draining" in sent.json()["reason"]
         sent = await w.get("/ready", headers=[])  # no key: general words, nothing internal
         assert sent.status == 503 and "stale" not in sent.json()["reason"]
         assert (
@@ -125,6 +125,7 @@ def test_models_lists_what_can_serve_now_and_why_the_others_cannot() -> None:
             "fresh_nodes": 1,
             "stale_nodes": 0,
             "ejected_nodes": 0,
+            "draining_nodes": 0,
         }
         assert aliases["coder"]["reason"] == "no node has registered role 'coder'"
         assert aliases["coder"]["strategy"] == "least_busy" and counts(aliases["coder"]) == (0, 0, 0)

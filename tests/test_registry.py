@@ -48,10 +48,10 @@ def test_freshness_heartbeat_and_eviction() -> None:
 
     async def go() -> None:
         node, _ = await r.register(req("a", "writer"), None)
-        assert r.count_for_role("writer") == {"fresh": 1, "stale": 0, "ejected": 0}
+        assert r.count_for_role("writer") == {"fresh": 1, "stale": 0, "ejected": 0, "draining": 0}
         clock.now += 31
         assert r.state(node, clock.now) == "stale"
-        assert r.count_for_role("writer") == {"fresh": 0, "stale": 1, "ejected": 0}
+        assert r.count_for_role("writer") == {"fresh": 0, "stale": 1, "ejected": 0, "draining": 0}
         hb = await r.heartbeat(HeartbeatRequest(node_id="a", slots_total=4, slots_busy=1))
         assert hb is node and r.usable(node, clock.now) and node.slots_total == 4
         assert await r.heartbeat(HeartbeatRequest(node_id="zz")) is None

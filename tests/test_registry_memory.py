@@ -74,7 +74,7 @@ def test_count_for_role_agrees_with_state_and_usable() -> None:
         e1 = next(n for n in r.all_nodes() if n.node_id == "e1")
         e1.ejected_until = clock() + 5
         counts = r.count_for_role("chat")
-        assert counts == {"fresh": 2, "stale": 1, "ejected": 1}
+        assert counts == {"fresh": 2, "stale": 1, "ejected": 1, "draining": 0}
         now = clock()
         nodes = r.nodes_for_role("chat")
         assert counts["fresh"] == sum(r.usable(n, now) for n in nodes)
@@ -84,7 +84,7 @@ def test_count_for_role_agrees_with_state_and_usable() -> None:
             "s1": "stale",
             "e1": "ejected",
         }
-        assert r.count_for_role("nobody") == {"fresh": 0, "stale": 0, "ejected": 0}
+        assert r.count_for_role("nobody") == {"fresh": 0, "stale": 0, "ejected": 0, "draining": 0}
 
     run(go())
 
@@ -131,7 +131,7 @@ def test_role_index_follows_re_registration_with_other_roles() -> None:
         await r.register(req("b", "code"), None)
         assert r.nodes_for_role("chat") == ()  # nobody serves chat any more
         assert ids(r.nodes_for_role("code")) == ["a", "b"]
-        assert r.count_for_role("chat") == {"fresh": 0, "stale": 0, "ejected": 0}
+        assert r.count_for_role("chat") == {"fresh": 0, "stale": 0, "ejected": 0, "draining": 0}
 
     run(go())
 
@@ -193,7 +193,7 @@ def test_sweep_evicts_only_nodes_silent_longer_than_evict_after_s() -> None:
         clock.now += 1
         assert await r.sweep() == ["old"]
         assert ids(r.all_nodes()) == ["young"] and ids(r.nodes_for_role("chat")) == ["young"]
-        assert r.count_for_role("chat") == {"fresh": 0, "stale": 1, "ejected": 0}
+        assert r.count_for_role("chat") == {"fresh": 0, "stale": 1, "ejected": 0, "draining": 0}
 
     run(go())
 

@@ -225,7 +225,7 @@ def test_node_is_ejected_after_repeated_failures_and_returns_after_the_cool_down
         # Round robin starts on a every other request: a failed twice, then was ejected.
         assert f.client.urls().count(url("a")) == 2
         assert f.state(a) == "ejected" and f.state(b) == "fresh"
-        assert f.registry.count_for_role("chat") == {"fresh": 1, "stale": 0, "ejected": 1}
+        assert f.registry.count_for_role("chat") == {"fresh": 1, "stale": 0, "ejected": 1, "draining": 0}
 
         f.clock.now += 9.9
         await send_one(f.chat)
@@ -269,7 +269,7 @@ def test_no_fresh_node_is_503_with_the_reason() -> None:
         await f.add("a")
         f.clock.now += 31
         ok, reason = f.chat.available()
-        assert not ok and "1 stale or ejected" in reason
+        assert not ok and "1 stale, ejected or draining" in reason
         assert f.chat.describe()["stale_nodes"] == 1
         with pytest.raises(NoUpstreamAvailable, match="model 'chat' has no available node"):
             await send_one(f.chat)
@@ -532,6 +532,7 @@ def test_describe_counts_nodes_by_state() -> None:
             "fresh_nodes": 1,
             "stale_nodes": 1,
             "ejected_nodes": 1,
+            "draining_nodes": 0,
         }
         assert f.chat.available() == (True, "ok")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -42,6 +43,7 @@ from ..common.config import bearer_header
 from ..common.endpoints import ANTHROPIC_PATHS, UPSTREAM
 from ..common.errors import (
     BadRequest,
+    ConfigError,
     ModelNotFound,
     NoUpstreamAvailable,
     RoleMeshError,
@@ -50,7 +52,7 @@ from ..common.errors import (
 from ..common.http1 import Client
 from ..common.relay import pass_through, upstream_headers
 from ..common.tasks import TaskOwner
-from .config import AgentConfig
+from .config import AgentConfig, load_config
 from .metrics import AgentStats, exposition
 from .registration import Registrar
 from .supervisor import Supervisor
@@ -61,10 +63,18 @@ log = logging.getLogger("rolemesh.agent")
 class Agent:
     """The node agent as an ASGI app. Build with :func:`create_app`."""
 
-    def __init__(self, cfg: AgentConfig, client: Client | None = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, client: Client | None = None, config_path: str | None = None
+    ) -> None:
         self.cfg = cfg
+        #: The file SIGHUP reloads (None: nothing to reload).
+        self.config_path = config_path
         self.client = client or Client(keepalive_s=30.0)
         self.inflight = 0
+        #: Requests in flight per role (a role a reload retires is stopped when its count is 0).
+        self.role_inflight: dict[str, int] = {}
+        self._idle = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.supervisor = Supervisor(cfg, self.client)
         self.registrar = Registrar(cfg, self.client, self.supervisor, lambda: self.inflight)
         self._tasks = TaskOwner()
@@ -105,8 +115,10 @@ class Agent:
                 "NO NODE KEY CONFIGURED: anyone who can reach this agent can use its models. "
                 "Set node_key (one of the gateway's auth.node_api_keys)."
             )
+        self._loop = asyncio.get_running_loop()
         self.supervisor.start()
         self._tasks.start("register-heartbeat", self.registrar.run())
+        self._on_sighup(True)
         self._tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
         log.info(
             "node agent %s listening for the gateway at %s; roles: %s",
@@ -115,8 +127,67 @@ class Agent:
             ", ".join(self.cfg.roles),
         )
 
+    def exiting(self) -> None:
+        """SIGTERM or SIGINT arrived (called from the signal handler): drain this node at the
+        gateway at once, so no new request comes while uvicorn lets those in flight finish;
+        children that exit from now on stay stopped."""
+        self.supervisor.exiting()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: self._tasks.start("drain", self.registrar.drain()))
+
+    def reload(self) -> bool:
+        """Read the config file again (SIGHUP): roles added start, roles removed stop after their
+        requests in flight, a role whose settings changed restarts; the rest stays running."""
+        if self.config_path is None:
+            log.warning("reload asked, but this agent was not started from a config file")
+            return False
+        try:
+            cfg = load_config(self.config_path, overrides={"host": self.cfg.host, "port": self.cfg.port})
+        except ConfigError as exc:
+            log.error("config reload refused, still running the previous config: %s", exc)
+            return False
+        fixed = ("node_id", "gateway_url", "node_key", "advertise_url", "host", "port")
+        moved = [k for k in fixed if getattr(cfg, k) != getattr(self.cfg, k)]
+        if moved:
+            log.error(
+                "config reload refused, still running the previous config: %s: %s need a restart",
+                self.config_path,
+                ", ".join(moved),
+            )
+            return False
+        added, removed, changed = self.supervisor.apply(cfg, self._wait_idle)
+        self.cfg = cfg
+        self.registrar.cfg = cfg
+        self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
+        self._auth = {role: bearer_header(rc.api_key) for role, rc in cfg.roles.items() if rc.api_key}
+        log.info(
+            "config reloaded from %s: added %s; removed %s; restarted %s",
+            self.config_path,
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+            ", ".join(changed) or "none",
+        )
+        return True
+
+    async def _wait_idle(self, role: str) -> None:
+        while self.role_inflight.get(role, 0) > 0:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _on_sighup(self, install: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if install:
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+            else:
+                loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (an in-process test server): no signals here
+
     async def shutdown(self) -> None:
         """Deregister, stop the children, close the pool; each step bounded."""
+        self._on_sighup(False)
         await self._tasks.stop()
         try:
             async with asyncio.timeout(self.cfg.gateway_timeout_s + 1):
@@ -173,6 +244,7 @@ class Agent:
         url = backend.url + raw_target(scope)
         out = upstream_headers(headers, self._auth.get(role, []))
         self.inflight += 1
+        self.role_inflight[role] = self.role_inflight.get(role, 0) + 1
         status = _Status(send)
         try:
             # Kept alive when the backend allows it. llama-server closes its end after a
@@ -195,6 +267,8 @@ class Agent:
             await cancel_on_disconnect(receive, work)
         finally:
             self.inflight -= 1
+            self.role_inflight[role] -= 1
+            self._idle.set()
             self.stats.requests[(role, status.status or 499)] += 1
 
 
@@ -213,6 +287,6 @@ class _Status:
         await self._send(message)
 
 
-def create_app(cfg: AgentConfig, client: Client | None = None) -> Agent:
-    """Build the node agent ASGI app from a validated config."""
-    return Agent(cfg, client)
+def create_app(cfg: AgentConfig, client: Client | None = None, config_path: str | None = None) -> Agent:
+    """Build the node agent ASGI app from a validated config (``config_path``: what SIGHUP reloads)."""
+    return Agent(cfg, client, config_path)

@@ -88,7 +88,7 @@ def serve(
 
     from .app import create_app
 
-    app = create_app(cfg)
+    app = create_app(cfg, config_path=path)
     return run_server(
         PROGRAM,
         app,
@@ -97,7 +97,7 @@ def serve(
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
         cfg.limits,
-        app.supervisor.exiting,
+        app.exiting,
     )
 
 

@@ -145,6 +145,26 @@ class Registrar:
                 self._model_info[role] = (backend.url, info)
         return {r: info for r, (_, info) in self._model_info.items() if r in roles and info is not None}
 
+    async def drain(self) -> None:
+        """Ask the gateway to send this node no new requests (the agent is stopping)."""
+        if self.registered is None:
+            return
+        try:
+            status, body = await self._call("POST", f"/v1/nodes/{self.cfg.node_id}/drain", None)
+        except RoleMeshError as exc:
+            log.warning("could not drain node %s at the gateway: %s", self.cfg.node_id, exc.message)
+            return
+        if status == 200:
+            log.info(
+                "node %s draining at %s: no new requests, those in flight finish",
+                self.cfg.node_id,
+                self.cfg.gateway_url,
+            )
+        else:
+            log.warning(
+                "gateway refused to drain node %s: %s", self.cfg.node_id, _refusal("drain", status, body)
+            )
+
     async def deregister(self) -> None:
         """Tell the gateway to forget this node (clean shutdown, or no role ready)."""
         if self.registered is None:

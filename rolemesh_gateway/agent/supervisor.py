@@ -31,8 +31,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 from ..common.backoff import Backoff
 from ..common.config import Probes, bearer_header
@@ -296,6 +296,21 @@ class ManagedServer(Backend):
             log.debug("llama-server[%s]: %s", self.role, text)
 
 
+async def _retire(
+    role: str, backend: Backend, task: asyncio.Task[Any] | None, idle: Callable[[str], Awaitable[None]]
+) -> None:
+    """Stop a role that a reload removed or changed, once its requests in flight are done."""
+    backend.ready = False  # no new requests; the registration follows the change
+    await idle(role)
+    if isinstance(backend, ManagedServer):
+        backend.stopping = True
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    log.info("role %s: stopped after a config reload", role)
+
+
 def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
     """The command line of a role's llama-server on ``127.0.0.1:port``.
 
@@ -331,20 +346,26 @@ class Supervisor:
 
     def __init__(self, cfg: AgentConfig, client: Client) -> None:
         self._changed = asyncio.Event()
+        self._client = client
         self.backends: dict[str, Backend] = {}
-        on_change = self._changed.set
+        self._specs: dict[str, object] = {}
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._owner = TaskOwner()
+        self._cfg = cfg
         for role, rc in cfg.roles.items():
-            if rc.llama_server is not None:
-                self.backends[role] = ManagedServer(
-                    role, rc.llama_server, cfg.supervisor, cfg.probes, client, on_change
-                )
-            else:
-                self.backends[role] = ExternalServer(role, rc, cfg.probes, client, on_change)
-        self._tasks = TaskOwner()
+            self.backends[role] = self._backend(role, rc, cfg)
+
+    def _backend(self, role: str, rc: RoleConfig, cfg: AgentConfig) -> Backend:
+        self._specs[role] = (rc, cfg.supervisor, cfg.probes)
+        if rc.llama_server is not None:
+            return ManagedServer(
+                role, rc.llama_server, cfg.supervisor, cfg.probes, self._client, self._changed.set
+            )
+        return ExternalServer(role, rc, cfg.probes, self._client, self._changed.set)
 
     def start(self) -> None:
         for role, backend in self.backends.items():
-            self._tasks.start(f"supervise-{role}", backend.run())
+            self._tasks[role] = self._owner.start(f"supervise-{role}", backend.run())
 
     def exiting(self) -> None:
         """The agent got SIGTERM or SIGINT: children that exit from now on stay stopped.
@@ -359,7 +380,32 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every child (in parallel: TERM, then KILL after the grace period)."""
         self.exiting()
-        await self._tasks.stop()
+        await self._owner.stop()
+
+    def apply(
+        self, cfg: AgentConfig, idle: Callable[[str], Awaitable[None]]
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Switch to a reloaded config: roles added start now; roles removed or changed stop after
+        their requests in flight (``idle(role)`` waits for those), and a changed one starts again
+        with its new settings. Other roles are left alone. Returns (added, removed, changed)."""
+        added = [r for r in cfg.roles if r not in self.backends]
+        removed = [r for r in self.backends if r not in cfg.roles]
+        changed = [
+            r
+            for r, rc in cfg.roles.items()
+            if r in self.backends and self._specs.get(r) != (rc, cfg.supervisor, cfg.probes)
+        ]
+        self._cfg = cfg
+        for role in removed + changed:
+            old = self.backends.pop(role)
+            task = self._tasks.pop(role, None)
+            self._owner.start(f"retire-{role}", _retire(role, old, task, idle))
+        for role in added + changed:
+            backend = self.backends[role] = self._backend(role, cfg.roles[role], cfg)
+            self._tasks[role] = self._owner.start(f"supervise-{role}", backend.run())
+        if added or removed or changed:
+            self._changed.set()
+        return added, removed, changed
 
     def ready_roles(self) -> list[str]:
         return [role for role, b in self.backends.items() if b.ready]

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..common.asgi import Receive, Scope, Send, read_json_object, send_json
-from ..common.errors import NodeNotFound, wire_error
+from ..common.errors import NodeNotFound, NotFound, wire_error
 from ..common.protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
 from .guard import Guard
 from .node_policy import NodePolicy
@@ -77,6 +77,32 @@ class NodesAPI:
         log.info("node %s deregistered", node_id)
         await send_json(send, 200, {"node_id": node_id, "status": "deregistered"})
 
+    async def drain(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/nodes/{id}/drain`` and ``.../undrain``: an admin key, or the node's own key.
+
+        A draining node gets no new requests; those in flight and its streams finish.
+        """
+        rest = scope["path"][len(NODES_PREFIX) :]
+        node_id, _, action = rest.partition("/")
+        if action not in ("drain", "undrain") or not node_id:
+            raise NotFound(f"no such endpoint: POST {scope['path']}")
+        headers = scope["headers"]
+        node = self._registry.get(node_id)
+        if not self._guard.is_admin(headers):
+            key_id = self._guard.node(headers)  # else 401
+            if node is not None:
+                self._registry.check_owner(node_id, node.key_id, key_id)
+        node = await self._registry.set_draining(node_id, action == "drain")
+        if node is None:
+            raise NodeNotFound(f"node '{node_id}' is not registered")
+        log.info(
+            "node %s %s (in flight: %d)",
+            node_id,
+            "draining" if node.draining else "back in rotation",
+            node.inflight,
+        )
+        await send_json(send, 200, {"node_id": node_id, "draining": node.draining, "inflight": node.inflight})
+
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every node, fresh or not, with its state by the same rule routing uses (operators only)."""
         self._guard.admin(scope["headers"])
@@ -94,6 +120,7 @@ class NodesAPI:
                     "state": state,
                     "seconds_since_heartbeat": round(now - n.last_seen, 3),
                     "ejected": n.ejected_until > now,
+                    "draining": n.draining,
                     "inflight": n.inflight,
                     "slots_total": n.slots_total,
                     "slots_busy": n.slots_busy,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..common.asgi import Dispatcher, Message, Receive, Scope, Send, header, lifespan, send_bytes, send_error
 from ..common.endpoints import ANTHROPIC_PATHS, ROUTED
-from ..common.errors import RoleMeshError
+from ..common.errors import ConfigError, RoleMeshError
 from ..common.http1 import Client
 from ..common.logs import RequestLog, current_request
 from ..common.tasks import TaskOwner
@@ -22,14 +23,15 @@ from ..common.version import __version__
 from .api_nodes import NODES_PREFIX, NodesAPI
 from .api_status import MODELS_PREFIX, StatusAPI
 from .cors import Cors
+from .dashboard import SAMPLE_S, STATIC_PREFIX, Dashboard
 from .guard import Guard
 from .health import HealthMonitor
-from .inference import Inference
+from .inference import EndpointHandler, Inference
 from .metrics import Collector, Stats, exposition
 from .node_policy import NodePolicy
 from .registry import NodeRegistry, make_registry
 from .routes import build_routes
-from .settings import Settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger("rolemesh.gateway")
 
@@ -47,25 +49,37 @@ class Gateway:
         registry: NodeRegistry | None = None,
         client: Client | None = None,
         access_log: bool = False,
+        config_path: str | None = None,
     ) -> None:
-        self.settings = settings
         self.stats = Stats()
         self.client = client or Client(keepalive_s=30.0)
         self.registry = registry or make_registry(settings)
-        self.guard = Guard(settings.auth)
-        self.health = HealthMonitor(settings, self.client)
-        policy = NodePolicy(settings.nodes.allowed_networks)
-        self.routes = build_routes(
-            settings, self.client, self.registry, self.health, self.guard.nodes, policy.allows, self.stats
-        )
         self.tasks = TaskOwner()
-        self.collector = Collector(self.stats, self.registry, self.routes)
+        #: The file SIGHUP reloads (None: built from a dict, nothing to reload).
+        self.config_path = config_path
+        self._access_log = access_log
+        self.health: HealthMonitor | None = None
+        self.dashboard = Dashboard(self)  # once: its history and recent errors outlive a reload
+        self._apply(settings)
 
-        inference = self.inference = Inference(settings, self.routes, self.guard, self.stats, access_log)
-        status = StatusAPI(settings, self.routes, self.guard, inference)
-        nodes = NodesAPI(settings, self.registry, self.guard, policy)
-        self._cors = Cors(settings.cors) if settings.cors.allow_origins else None
-        d = self._dispatch = Dispatcher()
+    def _apply(self, settings: Settings) -> None:
+        """Build everything that follows from the settings, then switch to it in one step.
+
+        Requests already running keep the objects they started with (routes, keys, timeouts)
+        and finish undisturbed; the registry, the connection pool and the counters stay.
+        """
+        guard = Guard(settings.auth)
+        health = HealthMonitor(settings, self.client, previous=self.health)
+        policy = NodePolicy(settings.nodes.allowed_networks)
+        routes = build_routes(
+            settings, self.client, self.registry, health, guard.nodes, policy.allows, self.stats
+        )
+        inference = Inference(
+            settings, routes, guard, self.stats, self._access_log, on_error=self.dashboard.record_error
+        )
+        status = StatusAPI(settings, routes, guard, inference)
+        nodes = NodesAPI(settings, self.registry, guard, policy)
+        d = Dispatcher()
         for endpoint in ROUTED:
             d.add(endpoint.method, endpoint.path, inference.handler(endpoint))
         d.add("GET", "/health", status.health)
@@ -77,7 +91,59 @@ class Gateway:
         d.add("POST", "/v1/nodes/register", nodes.register)
         d.add("POST", "/v1/nodes/heartbeat", nodes.heartbeat)
         d.add_prefix("DELETE", NODES_PREFIX, nodes.deregister)
+        d.add_prefix("POST", NODES_PREFIX, nodes.drain)
         d.add("GET", "/metrics", self.metrics)
+        d.add("GET", "/dashboard", self.dashboard.page)
+        d.add("GET", "/dashboard/data", self.dashboard.data)
+        d.add_prefix("GET", STATIC_PREFIX, self.dashboard.static)
+        # The switch: plain assignments on the one event loop, so no request sees half of it.
+        self.settings, self.guard, self.health, self.routes = settings, guard, health, routes
+        self.inference, self._dispatch = inference, d
+        self._cors = Cors(settings.cors) if settings.cors.allow_origins else None
+        self.collector = Collector(self.stats, self.registry, routes)
+        self.registry.stale_after_s = settings.nodes.stale_after_s
+        self.registry.evict_after_s = settings.nodes.evict_after_s
+        self.registry.max_nodes = settings.nodes.max_nodes
+        self.registry.max_nodes_per_key = settings.nodes.max_nodes_per_key
+
+    def reload(self) -> bool:
+        """Read the config file again (SIGHUP); switch to it if it is valid, else keep serving.
+
+        A bad file is refused with one log line saying why. The ``registry`` section needs a
+        restart (the nodes live there); everything else changes for the next request.
+        """
+        if self.config_path is None:
+            log.warning("reload asked, but this gateway was not started from a config file")
+            return False
+        try:
+            settings = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload refused, still serving the previous config: %s", exc)
+            return False
+        if settings.registry != self.settings.registry:
+            log.error(
+                "config reload refused, still serving the previous config: %s: registry: "
+                "changing the node registry needs a restart",
+                self.config_path,
+            )
+            return False
+        before = set(self.routes)
+        self._apply(settings)
+        added, removed = sorted(set(self.routes) - before), sorted(before - set(self.routes))
+        log.info(
+            "config reloaded from %s: %d aliases (%s)%s%s",
+            self.config_path,
+            len(self.routes),
+            ", ".join(self.routes),
+            f"; added {', '.join(added)}" if added else "",
+            f"; removed {', '.join(removed)}" if removed else "",
+        )
+        self.tasks.start("probe-after-reload", self._probe())
+        return True
+
+    async def _probe(self) -> None:
+        assert self.health is not None
+        await self.health.probe_all()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -86,18 +152,22 @@ class Gateway:
             rid = self.inference.request_id(scope["headers"])
             scope["rolemesh.request_id"] = rid
             current_request.set(RequestLog(rid.decode("ascii")))
-            send = _with_request_id(send, rid)
             if self._cors is not None:
                 origin = header(scope["headers"], b"origin")
                 if origin is not None and self._cors.allowed(origin):
                     if scope["method"] == "OPTIONS":
-                        await self._cors.preflight(scope, send, origin)
+                        await self._cors.preflight(scope, _with_request_id(send, rid), origin)
                         return
                     send = self._cors.wrap(send, origin)
             try:
-                await self._dispatch.find(scope["method"], scope["path"])(scope, receive, send)
+                handler = self._dispatch.find(scope["method"], scope["path"])
+                # The routed endpoints add the id themselves (one wrapper on the hot path, not two).
+                await handler(
+                    scope, receive, send if type(handler) is EndpointHandler else _with_request_id(send, rid)
+                )
             except RoleMeshError as exc:
-                await send_error(send, exc, anthropic=scope["path"] in ANTHROPIC_PATHS)
+                anthropic = scope["path"] in ANTHROPIC_PATHS
+                await send_error(send, exc, [(b"x-request-id", rid)], anthropic=anthropic)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
 
@@ -119,10 +189,12 @@ class Gateway:
         p = self.settings.probes
         try:
             async with asyncio.timeout(p.timeout_s + 0.5):
-                await self.health.probe_all()
+                await self._probe()
         except TimeoutError:
             pass
-        self.tasks.every("probe-upstreams", p.interval_s, self.health.probe_all)
+        self.tasks.every("probe-upstreams", p.interval_s, self._probe)
+        self.tasks.every("sample-dashboard", SAMPLE_S, self.dashboard.sample)
+        self._on_sighup(True)
         sweep_every = min(60.0, self.settings.nodes.evict_after_s / 4)
         self.tasks.every("evict-stale-nodes", sweep_every, self.registry.sweep)
         self.tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
@@ -135,8 +207,20 @@ class Gateway:
             ", ".join(self.routes),
         )
 
+    def _on_sighup(self, install: bool) -> None:
+        """SIGHUP reloads the config, under ``rolemesh-gateway`` and the guide's ``uvicorn`` alike."""
+        loop = asyncio.get_running_loop()
+        try:
+            if install:
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+            else:
+                loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (an in-process test server): no signals here
+
     async def shutdown(self) -> None:
         """Stop the loops (reverse order), then the registry, then the connection pool."""
+        self._on_sighup(False)
         await self.tasks.stop()
         await self.registry.close()
         await self.client.close()
@@ -156,6 +240,7 @@ def create_app(
     registry: NodeRegistry | None = None,
     client: Client | None = None,
     access_log: bool = False,
+    config_path: str | None = None,
 ) -> Gateway:
-    """Build the gateway ASGI app from validated settings."""
-    return Gateway(settings, registry, client, access_log)
+    """Build the gateway ASGI app from validated settings (``config_path``: what SIGHUP reloads)."""
+    return Gateway(settings, registry, client, access_log, config_path)

@@ -77,7 +77,7 @@ def serve(
 
     return run_server(
         PROGRAM,
-        create_app(settings, access_log=bool(access_log)),
+        create_app(settings, access_log=bool(access_log), config_path=config or os.environ.get(CONFIG_ENV)),
         sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,

@@ -36,6 +36,14 @@ class Guard:
             return self.admins.check_client(headers)
         return self.client(headers)
 
+    def is_admin(self, headers: Headers) -> bool:
+        """May the caller use operator endpoints? Never raises."""
+        try:
+            self.admin(headers)
+        except Unauthorized:
+            return False
+        return True
+
     def is_client(self, headers: Headers) -> bool:
         """Does the caller present a valid client key (or is the gateway open)? Never raises."""
         try:

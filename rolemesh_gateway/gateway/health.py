@@ -22,12 +22,22 @@ log = logging.getLogger("rolemesh.health")
 class HealthMonitor:
     """Probes every proxy upstream's health path; traffic that cannot connect marks it down at once."""
 
-    def __init__(self, settings: Settings, client: Client) -> None:
+    def __init__(self, settings: Settings, client: Client, previous: HealthMonitor | None = None) -> None:
         self._client = client
         self._timeout = settings.probes.timeout_s
         self._proxies = {alias: m for alias, m in settings.models.items() if isinstance(m, ProxyModel)}
         self._state: dict[str, tuple[bool, str]] = dict.fromkeys(self._proxies, (False, "not probed yet"))
         self._info: dict[str, dict[str, Any] | None] = dict.fromkeys(self._proxies)
+        if previous is not None:  # a config reload: what is known of an unchanged upstream stays
+            for alias, m in self._proxies.items():
+                old = previous._proxies.get(alias)
+                if old is not None and (old.proxy_url, old.health_path, old.api_key) == (
+                    m.proxy_url,
+                    m.health_path,
+                    m.api_key,
+                ):
+                    self._state[alias] = previous._state[alias]
+                    self._info[alias] = previous._info[alias]
 
     def status(self, alias: str) -> tuple[bool, str]:
         """``(available, reason)`` of a proxy alias as last seen."""

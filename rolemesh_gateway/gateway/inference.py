@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -46,10 +47,13 @@ class Inference:
         guard: Guard,
         stats: Stats,
         access_log: bool = False,
+        on_error: Callable[[str, str, str | None, int, str], None] | None = None,
     ) -> None:
         self._routes = routes
         self._guard = guard
         self.stats = stats
+        #: Told of every 5xx and 429 a client gets: request id, alias, node, status, message.
+        self.on_error = on_error
         #: One log line per request (``--access-log``).
         self.access_log = access_log
         self._default = settings.default_alias
@@ -115,10 +119,11 @@ class Inference:
 class Watch:
     """The client's ``send``, seen on its way: status, first content, token usage."""
 
-    __slots__ = ("_send", "first_at", "status", "stream", "usage")
+    __slots__ = ("_rid", "_send", "first_at", "status", "stream", "usage")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
+        self._rid = rid
         self.status = 0
         self.stream = False
         self.first_at: float | None = None
@@ -127,9 +132,11 @@ class Watch:
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            for k, v in message["headers"]:
+            headers = message["headers"]
+            for k, v in headers:
                 if k == b"content-type":
                     self.stream = v.startswith(b"text/event-stream")
+            headers.append((b"x-request-id", self._rid))
         else:
             body = message.get("body", b"")
             if body:
@@ -190,14 +197,16 @@ class EndpointHandler:
         inference = self._inference
         endpoint = self._endpoint
         started = time.perf_counter()
-        watch = Watch(send)
+        headers: Headers = scope["headers"]
+        rid = scope.get("rolemesh.request_id") or inference.request_id(headers)
+        watch = Watch(send, rid)
         alias = UNKNOWN
         client = "anonymous"
         status = 500
+        error = ""
         stats = inference.stats
         req = current_request.get()
         try:
-            headers: Headers = scope["headers"]
             client = inference._guard.clients.name(inference._guard.client(headers))
             if req is not None:
                 req.client = client
@@ -225,7 +234,6 @@ class EndpointHandler:
             alias = route.alias
             if req is not None:
                 req.alias = alias
-            rid = scope.get("rolemesh.request_id") or inference.request_id(headers)
             out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
             stats.inflight[alias] += 1
             try:
@@ -235,8 +243,17 @@ class EndpointHandler:
             status = watch.status or 499  # 499: the client left before an answer
         except RoleMeshError as exc:
             status = exc.status
+            error = exc.message
             raise
         finally:
+            if (status >= 500 or status == 429) and inference.on_error is not None:
+                inference.on_error(
+                    rid.decode("ascii"),
+                    alias,
+                    req.node if req is not None else None,
+                    status,
+                    error or f"the upstream answered HTTP {status}",
+                )
             seconds = time.perf_counter() - started
             ttft = watch.first_at - started if watch.first_at is not None else None
             stats.finished(alias, endpoint.path, status, seconds, client, ttft, watch.usage)

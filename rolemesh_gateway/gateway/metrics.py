@@ -195,11 +195,11 @@ class Collector:
                 slots[(node.node_id, "busy")] = node.slots_busy
         roles: set[str] = {r for route in self._routes.values() if (r := getattr(route, "role", None))}
         for r in roles:  # every configured role shows all its states, zeros included
-            for st in ("fresh", "stale", "ejected"):
+            for st in ("fresh", "stale", "ejected", "draining"):
                 states.setdefault((r, st), 0)
         yield _gauge(
             "rolemesh_nodes",
-            "Registered nodes by role and state (fresh, stale, ejected).",
+            "Registered nodes by role and state (fresh, stale, ejected, draining).",
             ("role", "state"),
             states,
         )

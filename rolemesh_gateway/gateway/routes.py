@@ -344,7 +344,7 @@ class DiscoveredRoute(Route):
             return True, "ok"
         if not nodes:
             return False, f"no node has registered role '{self.role}'"
-        return False, f"no fresh node serves role '{self.role}' ({len(nodes)} stale or ejected)"
+        return False, f"no fresh node serves role '{self.role}' ({len(nodes)} stale, ejected or draining)"
 
     def model_info(self) -> dict[str, Any] | None:
         registry = self._registry
@@ -363,6 +363,7 @@ class DiscoveredRoute(Route):
             "fresh_nodes": counts["fresh"],
             "stale_nodes": counts["stale"],
             "ejected_nodes": counts["ejected"],
+            "draining_nodes": counts["draining"],
         }
 
     # -- forwarding -----------------------------------------------------------------------

@@ -4,7 +4,8 @@ Writes are ``async`` so that a shared store can sit behind them; reads on the re
 synchronous lookups in local memory. One rule decides a node's state, used by routing,
 ``/v1/models`` and ``/v1/nodes`` alike (:meth:`NodeRegistry.state`): *stale* when it has not
 heartbeaten for ``stale_after_s``, else *ejected* while passive health has it cooling down,
-else *fresh*; only fresh nodes take traffic.
+else *draining* when an operator (or the node itself) took it out of rotation, else *fresh*;
+only fresh nodes take traffic.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Literal
 from ...common.errors import NodeOwnedElsewhere
 from ...common.protocol import HeartbeatRequest, Load, RegisterRequest
 
-NodeState = Literal["fresh", "stale", "ejected"]
-NODE_STATES: tuple[NodeState, ...] = ("fresh", "stale", "ejected")
+NodeState = Literal["fresh", "stale", "ejected", "draining"]
+NODE_STATES: tuple[NodeState, ...] = ("fresh", "stale", "ejected", "draining")
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +46,8 @@ class Node:
     ejections: int = 0
     #: Per role, what its server reports about its model (llama-server's ``meta`` ...).
     models: dict[str, dict[str, Any]] | None = None
+    #: Taken out of rotation (``POST /v1/nodes/{id}/drain``): requests in flight finish, no new ones.
+    draining: bool = False
 
     def reset_health(self) -> None:
         """A clean slate: registered again, or back from stale."""
@@ -116,6 +119,16 @@ class NodeRegistry(abc.ABC):
     async def deregister(self, node_id: str, key_id: str | None = None) -> bool:
         """Remove a node; False if it was not registered."""
 
+    async def set_draining(self, node_id: str, draining: bool) -> Node | None:
+        """Take a node out of rotation (or put it back); None if it is not registered."""
+        node = self.get(node_id)
+        if node is not None:
+            node.draining = draining
+        return node
+
+    def get(self, node_id: str) -> Node | None:
+        return next((n for n in self.all_nodes() if n.node_id == node_id), None)
+
     @abc.abstractmethod
     async def sweep(self) -> list[str]:
         """Evict nodes stale for longer than ``evict_after_s``; returns their ids."""
@@ -146,11 +159,13 @@ class NodeRegistry(abc.ABC):
             return "stale"
         if node.ejected_until > now:
             return "ejected"
+        if node.draining:
+            return "draining"
         return "fresh"
 
     def usable(self, node: Node, now: float) -> bool:
         """May this node take traffic now? (fresh, and not ejected)"""
-        return not self.is_stale(node, now) and node.ejected_until <= now
+        return not self.is_stale(node, now) and node.ejected_until <= now and not node.draining
 
     def count_for_role(self, role: str) -> dict[NodeState, int]:
         """How many nodes of a role are in each state."""

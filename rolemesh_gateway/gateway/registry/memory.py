@@ -120,6 +120,9 @@ class MemoryRegistry(NodeRegistry):
             self._drop(nid)
         return gone
 
+    def get(self, node_id: str) -> Node | None:
+        return self._nodes.get(node_id)
+
     def nodes_for_role(self, role: str) -> Sequence[Node]:
         return self._by_role.get(role, ())
 

@@ -87,6 +87,7 @@ if owner(cur) ~= ARGV[2] then return -2 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('INCR', KEYS[4])
 return 1
 """
@@ -140,6 +141,8 @@ class RedisRegistry(MemoryRegistry):
         #: Why Redis is unreachable, while it is (logged once when it goes, once when it is back).
         self.outage: str | None = None
         self._keys = [f"{prefix}:{name}" for name in ("nodes", "seen", "load", "version")]
+        #: The ids of draining nodes (a set), so that every gateway stops routing to them.
+        self._draining_key = f"{prefix}:draining"
         self._version: bytes | None = None
         self._register = self._redis.register_script(_REGISTER)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
@@ -229,10 +232,26 @@ class RedisRegistry(MemoryRegistry):
         return node
 
     async def deregister(self, node_id: str, key_id: str | None = None) -> bool:
-        removed = await self._call(self._deregister, self._keys, [node_id, key_id or ""])
+        removed = await self._call(
+            self._deregister, [*self._keys, self._draining_key], [node_id, key_id or ""]
+        )
         if removed == -2:
             self.check_owner(node_id, "another key", key_id)
         return bool(self._drop(node_id) or removed)
+
+    async def set_draining(self, node_id: str, draining: bool) -> Node | None:
+        node = self._nodes.get(node_id)
+        if node is None:
+            return None
+        try:
+            if draining:
+                await self._redis.sadd(self._draining_key, node_id)
+            else:
+                await self._redis.srem(self._draining_key, node_id)
+        except self._errors as exc:
+            raise self._down(exc) from None
+        node.draining = draining
+        return node
 
     async def sweep(self) -> list[str]:
         try:
@@ -263,7 +282,8 @@ class RedisRegistry(MemoryRegistry):
             pipe.get(version_key)
             pipe.zrange(seen_key, 0, -1, withscores=True)
             pipe.hgetall(load_key)
-            version, seen, loads = await pipe.execute()
+            pipe.smembers(self._draining_key)
+            version, seen, loads, draining = await pipe.execute()
         if version != self._version:
             data: dict[bytes, bytes] = await self._redis.hgetall(nodes_key)  # type: ignore[assignment]
             present = set()
@@ -286,3 +306,6 @@ class RedisRegistry(MemoryRegistry):
             node = self._nodes.get(raw_id.decode())
             if node is not None:
                 node.slots_total, node.slots_busy, node.reported_inflight = orjson.loads(raw)
+        drained = {raw.decode() for raw in draining}
+        for node_id, node in self._nodes.items():
+            node.draining = node_id in drained
