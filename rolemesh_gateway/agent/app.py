@@ -51,7 +51,7 @@ from ..common.errors import (
 )
 from ..common.http1 import Client
 from ..common.relay import pass_through, upstream_headers
-from ..common.tasks import TaskOwner
+from ..common.tasks import TaskOwner, on_signal
 from .config import AgentConfig, load_config
 from .metrics import AgentStats, exposition
 from .registration import Registrar
@@ -118,7 +118,7 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self.supervisor.start()
         self._tasks.start("register-heartbeat", self.registrar.run())
-        self._on_sighup(True)
+        on_signal(signal.SIGHUP, self.reload)
         self._tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
         log.info(
             "node agent %s listening for the gateway at %s; roles: %s",
@@ -175,19 +175,9 @@ class Agent:
             self._idle.clear()
             await self._idle.wait()
 
-    def _on_sighup(self, install: bool) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            if install:
-                loop.add_signal_handler(signal.SIGHUP, self.reload)
-            else:
-                loop.remove_signal_handler(signal.SIGHUP)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (an in-process test server): no signals here
-
     async def shutdown(self) -> None:
         """Deregister, stop the children, close the pool; each step bounded."""
-        self._on_sighup(False)
+        on_signal(signal.SIGHUP, None)
         await self._tasks.stop()
         try:
             async with asyncio.timeout(self.cfg.gateway_timeout_s + 1):

@@ -63,3 +63,16 @@ async def _every(name: str, interval_s: float, fn: Callable[[], Awaitable[object
         if me is not None and me.cancelling():
             raise asyncio.CancelledError
         await asyncio.sleep(interval_s)
+
+
+def on_signal(sig: int, callback: Callable[[], object] | None) -> None:
+    """Call ``callback`` on the running loop when ``sig`` arrives (None: stop). A no-op off the
+    main thread (an in-process test server), where signals cannot be handled."""
+    loop = asyncio.get_running_loop()
+    try:
+        if callback is not None:
+            loop.add_signal_handler(sig, callback)
+        else:
+            loop.remove_signal_handler(sig)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass

@@ -18,7 +18,7 @@ from ..common.endpoints import ANTHROPIC_PATHS, ROUTED
 from ..common.errors import ConfigError, RoleMeshError
 from ..common.http1 import Client
 from ..common.logs import RequestLog, current_request
-from ..common.tasks import TaskOwner
+from ..common.tasks import TaskOwner, on_signal
 from ..common.version import __version__
 from .api_nodes import NODES_PREFIX, NodesAPI
 from .api_status import MODELS_PREFIX, StatusAPI
@@ -194,7 +194,7 @@ class Gateway:
             pass
         self.tasks.every("probe-upstreams", p.interval_s, self._probe)
         self.tasks.every("sample-dashboard", SAMPLE_S, self.dashboard.sample)
-        self._on_sighup(True)
+        on_signal(signal.SIGHUP, self.reload)
         sweep_every = min(60.0, self.settings.nodes.evict_after_s / 4)
         self.tasks.every("evict-stale-nodes", sweep_every, self.registry.sweep)
         self.tasks.every("close-idle-upstream-connections", 10.0, self.client.sweep)
@@ -207,20 +207,9 @@ class Gateway:
             ", ".join(self.routes),
         )
 
-    def _on_sighup(self, install: bool) -> None:
-        """SIGHUP reloads the config, under ``rolemesh-gateway`` and the guide's ``uvicorn`` alike."""
-        loop = asyncio.get_running_loop()
-        try:
-            if install:
-                loop.add_signal_handler(signal.SIGHUP, self.reload)
-            else:
-                loop.remove_signal_handler(signal.SIGHUP)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (an in-process test server): no signals here
-
     async def shutdown(self) -> None:
         """Stop the loops (reverse order), then the registry, then the connection pool."""
-        self._on_sighup(False)
+        on_signal(signal.SIGHUP, None)
         await self.tasks.stop()
         await self.registry.close()
         await self.client.close()
