@@ -22,10 +22,15 @@ import httpx
 import uvicorn
 import yaml
 
+from rolemesh_gateway.common.server import guarded_protocol
 from rolemesh_gateway.gateway.app import create_app
 from rolemesh_gateway.gateway.settings import parse_settings
 
 CLIENT_KEY = "test-client-key"
+
+
+#: The loggers whose lines ``log_text`` holds: ours, and uvicorn's errors about the app.
+CAPTURED = ("rolemesh", "uvicorn.error")
 
 
 class _Capture(logging.Handler):
@@ -40,9 +45,10 @@ class _Capture(logging.Handler):
 class InProcessServer:
     """An ASGI app under uvicorn in a background thread; :meth:`stop` ends it cleanly."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, http: Any = "auto") -> None:
         self.app = app
         self.port = port
+        self.http = http  # uvicorn's ``http=``: a protocol class, as the programs' CLIs pass
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
         self._capture = _Capture()
@@ -57,10 +63,16 @@ class InProcessServer:
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=5
+            self.app,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            http=self.http,
         )
         server = self._server = uvicorn.Server(config)
-        logging.getLogger("rolemesh").addHandler(self._capture)
+        for name in CAPTURED:
+            logging.getLogger(name).addHandler(self._capture)
 
         def run() -> None:
             with asyncio.Runner() as runner:
@@ -89,7 +101,8 @@ class InProcessServer:
                 stack = buf.getvalue()
                 raise AssertionError(f"in-process server did not stop; its thread is at:\n{stack}")
         self._server = self._thread = None
-        logging.getLogger("rolemesh").removeHandler(self._capture)
+        for name in CAPTURED:
+            logging.getLogger(name).removeHandler(self._capture)
 
     def log_text(self) -> str:
         return "\n".join(self._capture.lines)
@@ -103,7 +116,7 @@ class InProcessGateway(InProcessServer):
     ) -> None:
         data = yaml.safe_load(config) if isinstance(config, str) else config
         self.settings = parse_settings(data, source="test config", env={**os.environ, **(env or {})})
-        super().__init__(None, port or 0)
+        super().__init__(None, port or 0, http=guarded_protocol(self.settings.limits))
 
     def start(self, wait: bool = True) -> InProcessGateway:
         self.app = create_app(self.settings)  # a fresh app each start: a restart forgets nodes

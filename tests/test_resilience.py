@@ -431,7 +431,14 @@ def test_clients_that_stop_reading_a_stream_free_the_nodes_slots(
             node.chunks = 2
             r = c.post("/v1/chat/completions", json={"messages": []})
             assert r.status_code == 200  # served at once, not queued behind the stalled ones
-        assert "read nothing for 1s (limits.write_timeout_s)" in gw.log_text()
+        time.sleep(0.5)  # for the server's own lines
+        log = gw.log_text()
+        assert "read nothing for 1s (limits.write_timeout_s)" in log
+        assert "without completing response" not in log  # the stalled connections were dropped
+        assert stalled[0].recv(1 << 20)  # what was sent before the stall, then the connection ends
+        stalled[0].settimeout(5)
+        while stalled[0].recv(1 << 20):
+            pass
     finally:
         for s in stalled:
             s.close()

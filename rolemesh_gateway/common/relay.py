@@ -10,7 +10,9 @@ stream ends with an error event, any other body is left unfinished, and
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+from collections.abc import Callable
 
 from .asgi import Headers, Send, sse_error_event
 from .errors import ClientStalled, RoleMeshError, StreamBroken
@@ -89,6 +91,15 @@ def response_headers(raw: Headers) -> Headers:
 
 #: The default of ``limits.write_timeout_s``: a stream whose client reads nothing this long ends.
 WRITE_TIMEOUT_S = 60.0
+
+
+#: Set by the server (:mod:`rolemesh_gateway.common.server`) for each request: aborts the
+#: client's connection. A stalled stream ends with it, so the socket is freed at once (a plain
+#: close would wait for the unread bytes to drain) and uvicorn sees a client that went away, not
+#: an application that left its response unfinished. Unset under a bare ``uvicorn``.
+CLIENT_ABORT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "rolemesh_client_abort", default=None
+)
 
 
 class _StallWatch:
@@ -192,6 +203,10 @@ async def relay(
             write_timeout_s,
             total,
         )
+        abort = CLIENT_ABORT.get()
+        if abort is not None:
+            abort()
+            await asyncio.sleep(0)  # the server learns of the lost connection before we return
         raise ClientStalled(target) from None
     except RoleMeshError as err:
         log.warning("stream from %s broke after %d bytes: %s", target, total, err.message)

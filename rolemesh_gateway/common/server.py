@@ -33,6 +33,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Limits
+from .relay import CLIENT_ABORT
 
 log = logging.getLogger("rolemesh.server")
 
@@ -175,6 +176,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        CLIENT_ABORT.set(self.transport.abort)  # copied into the request's task, created next
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
