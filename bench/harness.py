@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import e2e, report
+from . import e2e, report, soak
 from .procs import Proc
 from .targets import (
     CLIENT_KEY,
@@ -64,6 +64,8 @@ class Options:
     e2e_pin: bool = True
     #: Also measure a gateway from this tree, interleaved with the checkout's (an A/B in one run).
     compare_src: Path | None = None
+    #: How long the soak case runs (only with ``--cases soak``: never by default nor with --quick).
+    soak_s: float = 600.0
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Results:
     streaming: list[dict[str, object]] = field(default_factory=list)
     discovery: dict[str, object] = field(default_factory=dict)
     e2e: dict[str, object] = field(default_factory=dict)
+    soak: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -365,12 +368,17 @@ class Bench:
             self.work, self.python, self.o.quick, reps, say, self.o.gateway_src, self.o.e2e_pin
         )
 
+    # -- case 5 (on request only): the soak ----------------------------------------------------------
+    def soak(self) -> None:
+        self.r.soak = soak.SoakRun(self.work, self.python, self.o.soak_s, say, self.o.gateway_src).run()
+
     def run(self) -> None:
         cases = [
             ("non-streaming", self.nonstream),
             ("streaming", self.streaming),
             ("discovery", self.discovery),
             ("end-to-end", self.llama),
+            ("soak", self.soak),
         ]
         for name, case in cases:
             if name not in self.o.cases:
@@ -436,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
-        help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end",
+        help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end; "
+        "or soak (never run unless named here)",
+    )
+    p.add_argument(
+        "--soak-s", type=float, default=600.0, help="seconds of load in the soak case (default 600)"
     )
     args = p.parse_args(argv)
     opts = dataclasses.replace(
@@ -445,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway_src=Path(args.gateway_src).resolve() if args.gateway_src else None,
         compare_src=Path(args.compare_src).resolve() if args.compare_src else None,
         e2e_pin=not args.e2e_no_pin,
+        soak_s=args.soak_s,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)
@@ -453,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
     finally:
         bench.stop_all()
-    text = report.render(bench.r, opts, time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    text = report.render(bench.r, opts, elapsed) if set(opts.cases) - {"soak"} else ""
+    if bench.r.soak:
+        command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
+        text += ("\n" if text else "") + soak.render(bench.r.soak, opts.soak_s, command)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
@@ -470,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if bad:
         say(f"{bad} requests or streams failed under load")
+        return 1
+    if bench.r.soak and not bench.r.soak["ok"]:
+        say("the soak's criteria do not hold (see its table)")
         return 1
     return 0
 

@@ -4,6 +4,7 @@
 #   bash bench/run.sh            full run (~10 min): installs nginx, wrk and LiteLLM if missing
 #   bash bench/run.sh --quick    CI smoke run (~30 s): 1 s per case, no LiteLLM
 #   bash bench/run.sh --out docs/benchmarks-latest.md    also write the report to a file
+#   bash bench/run.sh --cases soak [--soak-s 600]         the soak (only when named; ~11 min)
 #
 # nginx and wrk come from Debian (apt-get); LiteLLM (pinned) goes into its own venv under
 # ${XDG_CACHE_HOME:-~/.cache}/rolemesh/bench-litellm-venv and never touches the project venv.
@@ -18,12 +19,21 @@ LITELLM_VENV="${BENCH_LITELLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/rolemesh/ben
 log() { printf '[bench] %s\n' "$*" >&2; }
 
 quick=0
+cases=""
+prev=""
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
         --with-litellm) quick=0 ;;  # a quick run that asks for LiteLLM still needs it installed
+        --cases=*) cases="${arg#--cases=}" ;;
     esac
+    [[ "$prev" == "--cases" ]] && cases="$arg"
+    prev="$arg"
 done
+# LiteLLM is measured only in the non-streaming case: a run of other cases (the soak) needs none.
+if [[ -n "$cases" && ",$cases," != *",non-streaming,"* ]]; then
+    quick=1
+fi
 
 if [[ ! -x "$PYTHON" ]]; then
     log "no project Python at $PYTHON: create the venv first (python3.11 -m venv .venv && .venv/bin/pip install -e '.[dev]'), or set BENCH_PYTHON"

@@ -117,7 +117,8 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
         self.queue.put_nowait(None)
-        self.up.transports.discard(self.transport)  # type: ignore[arg-type]
+        if self.transport is not None:
+            self.up.transports.discard(self.transport)
 
     # httptools
     def on_message_begin(self) -> None:
@@ -239,6 +240,11 @@ class FuzzUpstream:
         self.scripts[sid] = script
         return sid
 
+    def close_soon(self, transport: asyncio.Transport) -> None:
+        """Close one of our connections (from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(transport.abort)
+
     def start(self) -> FuzzUpstream:
         ready = threading.Event()
 
@@ -248,14 +254,7 @@ class FuzzUpstream:
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             loop.run_forever()
-            for t in list(self.transports):
-                t.abort()
-            self._server.close()
-            loop.run_until_complete(self._server.wait_closed())
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(self._close_all())
             loop.close()
 
         self._thread = threading.Thread(target=run, name="fuzz-upstream", daemon=True)
@@ -263,6 +262,17 @@ class FuzzUpstream:
         if not ready.wait(10):
             raise RuntimeError("fuzz upstream did not start")
         return self
+
+    async def _close_all(self) -> None:
+        for t in list(self.transports):
+            t.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
