@@ -348,8 +348,8 @@ class _Conn(asyncio.Protocol):
             resp.last = self.loop.time()  # idle_s counts from the last body bytes
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            resp._fail(UpstreamFailed(f"{resp.target} sent a malformed answer: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # 101: not ours to relay
+            resp._fail(UpstreamFailed(f"{resp.target} sent a malformed answer: {exc!r}"))
             self.abort()
             return
         if in_head:
@@ -434,13 +434,18 @@ class _Conn(asyncio.Protocol):
 
 
 class _Pool:
-    """Idle connections to one origin, oldest first."""
+    """Idle connections to one origin, oldest first.
 
-    __slots__ = ("idle", "keepalive_s")
+    Once closed (the client forgot it: swept empty, or shut down), a connection given back by a
+    request still in flight is closed, not kept where nothing would ever reap it.
+    """
+
+    __slots__ = ("closed", "idle", "keepalive_s")
 
     def __init__(self, keepalive_s: float) -> None:
         self.idle: list[_Conn] = []
         self.keepalive_s = keepalive_s
+        self.closed = False
 
     def get(self) -> _Conn | None:
         idle = self.idle
@@ -453,6 +458,9 @@ class _Pool:
         return None
 
     def put(self, conn: _Conn) -> None:
+        if self.closed:
+            conn.abort()
+            return
         idle = self.idle
         now = conn.idle_since = time.monotonic()
         # Close what has idled too long (the oldest are first), and keep the pool bounded.
@@ -468,6 +476,7 @@ class _Pool:
             idle.pop(0).abort()
 
     def close(self) -> None:
+        self.closed = True
         for conn in self.idle:
             conn.abort()
         self.idle.clear()
@@ -551,6 +560,7 @@ class Client:
         for key, pool in list(self._pools.items()):
             pool.reap()
             if not pool.idle:
+                pool.close()
                 del self._pools[key]
 
     async def close(self) -> None:

@@ -180,7 +180,7 @@ async def relay(
     if sse:  # unless the upstream (llama-server, or an agent) already said so
         present = {name for name, _ in headers}
         headers.extend(h for h in SSE_HEADERS if h[0] not in present)
-    if resp.content_length is not None:
+    if resp.content_length is not None and not sse:  # an SSE stream may end with our error event
         headers.append((b"content-length", b"%d" % resp.content_length))
     await send({"type": "http.response.start", "status": resp.status, "headers": headers})
     total = 0
