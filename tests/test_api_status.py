@@ -120,6 +120,7 @@ def test_models_lists_what_can_serve_now_and_why_the_others_cannot() -> None:
             "id": "rolemesh-writer",
             "available": True,
             "type": "discovered",
+            "cold": False,
             "role": "writer",
             "strategy": "round_robin",
             "fresh_nodes": 1,

@@ -527,6 +527,7 @@ def test_describe_counts_nodes_by_state() -> None:
         b.ejected_until = f.clock.now + 5
         assert f.chat.describe() == {
             "type": "discovered",
+            "cold": False,
             "role": "chat",
             "strategy": "random",
             "fresh_nodes": 1,

@@ -56,6 +56,9 @@ class Load(_Wire):
     inflight: Annotated[int, Field(ge=0)] | None = None
     slots_total: Annotated[int, Field(ge=0)] | None = None
     slots_busy: Annotated[int, Field(ge=0)] | None = None
+    #: Roles this node serves on demand and whose server is not running now: it can serve them
+    #: after a load. Absent (older agents): every role is warm.
+    cold_roles: Annotated[list[Role], Field(max_length=MAX_ROLES)] | None = None
 
 
 def check_model_info(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

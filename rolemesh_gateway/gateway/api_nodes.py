@@ -125,6 +125,7 @@ class NodesAPI:
                     "slots_total": n.slots_total,
                     "slots_busy": n.slots_busy,
                     "version": n.version,
+                    "cold_roles": sorted(n.cold),
                 }
             )
         await send_json(send, 200, {"object": "list", "data": nodes, "stale_after_s": registry.stale_after_s})

@@ -96,4 +96,6 @@ class StatusAPI:
             "owned_by": "rolemesh",
         }
         obj.update(route.model_info() or {})  # after: what we set comes first; it has none of those keys
+        if route.cold():  # it can serve, after its model loads
+            obj["cold"] = True
         return obj

@@ -16,7 +16,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -26,6 +27,7 @@ from ..common.endpoints import Endpoint
 from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshError
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
+from . import fallbacks
 from .guard import Guard
 from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
@@ -62,6 +64,12 @@ class Inference:
         self._names = {
             name: alias for alias in settings.models for name in (alias, settings.advertised_name(alias))
         }
+        #: Per alias: the header naming it on its answers, and its fallback chain (if any).
+        self._alias_header = {alias: (fallbacks.ALIAS_HEADER, alias.encode()) for alias in settings.models}
+        self._fallbacks = {a: c for a in settings.models if (c := settings.fallback_chain(a))}
+        self._upstream_model = {
+            a: routes[a].rewrite_model or settings.advertised_name(a) for a in settings.models
+        }
         # Request ids: a random per-process prefix and a counter (unique, far cheaper than uuid4).
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = itertools.count(1)
@@ -87,6 +95,14 @@ class Inference:
                 f"model '{model}' does not exist; configured: {', '.join(self._routes)}", param="model"
             )
         return self._routes[alias]
+
+    def forward(self, route: Route, out: Outbound, send: Send) -> Coroutine[Any, Any, None]:
+        """``route.forward``, or through the alias's fallbacks when it has some."""
+        chain = self._fallbacks.get(route.alias)
+        if chain is None:
+            return route.forward(out, send)
+        routes, models = self._routes, self._upstream_model
+        return fallbacks.serve(route, chain, routes, models, out, send, self.stats)
 
     def outbound(
         self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool, rid: bytes
@@ -235,9 +251,10 @@ class EndpointHandler:
             if req is not None:
                 req.alias = alias
             out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
+            out.reply_headers.append(inference._alias_header[alias])
             stats.inflight[alias] += 1
             try:
-                await cancel_on_disconnect(receive, route.forward(out, watch))
+                await cancel_on_disconnect(receive, inference.forward(route, out, watch))
             finally:
                 stats.inflight[alias] -= 1
             status = watch.status or 499  # 499: the client left before an answer

@@ -79,6 +79,8 @@ class Stats:
         self.queue_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.client_requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        #: Requests another alias served (``fallbacks``), by from, to and reason.
+        self.fallbacks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -178,6 +180,13 @@ class Collector:
             "Requests answered, by client key name.",
             ("client", "alias", "status"),
             s.client_requests,
+        )
+        yield _counter(
+            "rolemesh_fallbacks",
+            "Requests passed on to a fallback alias, by reason (no_upstream, queue_full, queue_timeout, "
+            "upstream_failed, unavailable, context_too_long).",
+            ("from", "to", "reason"),
+            s.fallbacks,
         )
 
     def _nodes(self) -> Iterator[Metric]:

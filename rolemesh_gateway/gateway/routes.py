@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,10 @@ class Route(abc.ABC):
     def model_info(self) -> dict[str, Any] | None:
         """What the backend reports about its model (llama-server's ``meta``...), if known."""
         return None
+
+    def cold(self) -> bool:
+        """Would a request wait for a model to load (no warm node serves the alias)?"""
+        return False
 
 
 class FixedRoute(Route):
@@ -354,10 +358,19 @@ class DiscoveredRoute(Route):
                 return node.models[self.role]
         return None
 
+    def cold(self) -> bool:
+        registry = self._registry
+        if not registry.has_cold(self.role):
+            return False
+        now = registry.clock()
+        role = self.role
+        return not any(role not in n.cold and registry.usable(n, now) for n in registry.nodes_for_role(role))
+
     def describe(self) -> dict[str, Any]:
         counts = self._registry.count_for_role(self.role)
         return {
             "type": self.kind,
+            "cold": self.cold(),
             "role": self.role,
             "strategy": self.strategy_name,
             "fresh_nodes": counts["fresh"],
@@ -486,7 +499,7 @@ class DiscoveredRoute(Route):
                     return registry.usable(n, now) and n not in tried
 
                 if self.queue is None:
-                    node = self.strategy.choose(nodes, eligible)
+                    node = self._choose(nodes, eligible)
                     if node is None:
                         raise NoUpstreamAvailable(self._none_message(tried))
                     return node
@@ -495,7 +508,7 @@ class DiscoveredRoute(Route):
                     cap = n.slots_total
                     return eligible(n) and (not cap or n.inflight < cap)
 
-                node = self.strategy.choose(nodes, has_room)
+                node = self._choose(nodes, has_room)
                 if node is not None:
                     return node
                 if not any(eligible(n) for n in nodes):
@@ -511,6 +524,19 @@ class DiscoveredRoute(Route):
         finally:
             if self.queue is not None:
                 self.queue.leave(ticket)
+
+    def _choose(self, nodes: Sequence[Node], ok: Callable[[Node], bool]) -> Node | None:
+        """The strategy's choice, among nodes with the role warm first when some have it cold.
+
+        A cold node (its model loads on demand) gets the request only when no warm node can
+        take it; the check costs one dict lookup while no node has the role cold.
+        """
+        if self._registry.has_cold(self.role):
+            role = self.role
+            node = self.strategy.choose(nodes, lambda n: role not in n.cold and ok(n))
+            if node is not None:
+                return node
+        return self.strategy.choose(nodes, ok)
 
     def _others_left(self, tried: list[Node]) -> bool:
         """Is there a node not tried yet that could take the request? (only on the failure path)"""

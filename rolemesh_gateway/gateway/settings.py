@@ -38,6 +38,8 @@ from .strategies import STRATEGIES
 CONFIG_ENV = "ROLE_MESH_CONFIG"
 #: Environment variable overriding ``nodes.stale_after_s`` (the guide's contract).
 STALE_ENV = "ROLE_MESH_NODE_STALE_AFTER_S"
+#: At most this many aliases are tried after the one a client asked for (``fallbacks``).
+MAX_FALLBACKS = 5
 
 
 def check_network(value: str) -> str:
@@ -73,6 +75,7 @@ class ProxyModel(Closed):
     #: started with ``--api-key``; the client's own key never is.
     api_key: Key | None = None
     timeouts: TimeoutsOverride | None = None
+    fallbacks: Annotated[tuple[Name, ...], Field(max_length=MAX_FALLBACKS)] = ()
 
 
 class DiscoveredModel(Closed):
@@ -85,6 +88,7 @@ class DiscoveredModel(Closed):
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     timeouts: TimeoutsOverride | None = None
     queue: QueueSettings | None = None
+    fallbacks: Annotated[tuple[Name, ...], Field(max_length=MAX_FALLBACKS)] = ()
 
 
 ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type")]
@@ -189,7 +193,39 @@ class Settings(Closed):
             raise ValueError(
                 f"default_model '{self.default_model}' names no alias; allowed: {', '.join(self.models)}"
             )
+        for alias in self.models:
+            self.fallback_chain(alias)  # refuses unknown aliases, cycles, chains too long
         return self
+
+    def fallback_chain(self, alias: str) -> tuple[str, ...]:
+        """The aliases tried, in order, when ``alias`` cannot serve a request.
+
+        Its ``fallbacks`` in order, each followed by its own fallbacks (depth first), each
+        alias once. ValueError names a cycle, an unknown alias or a chain longer than
+        :data:`MAX_FALLBACKS`.
+        """
+        chain: list[str] = []
+
+        def walk(at: str, path: list[str]) -> None:
+            for nxt in self.models[at].fallbacks:
+                if nxt not in self.models:
+                    raise ValueError(
+                        f"models.{at}.fallbacks: '{nxt}' names no alias; allowed: {', '.join(self.models)}"
+                    )
+                if nxt in path:
+                    raise ValueError(f"models.{alias}.fallbacks: cycle {' -> '.join([*path, nxt])}")
+                if nxt in chain:
+                    continue
+                chain.append(nxt)
+                if len(chain) > MAX_FALLBACKS:
+                    raise ValueError(
+                        f"models.{alias}.fallbacks: the chain {' -> '.join([alias, *chain])} tries more "
+                        f"than {MAX_FALLBACKS} aliases after '{alias}'; shorten it"
+                    )
+                walk(nxt, [*path, nxt])
+
+        walk(alias, [alias])
+        return tuple(chain)
 
     @property
     def default_alias(self) -> str:

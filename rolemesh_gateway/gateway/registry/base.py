@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +48,9 @@ class Node:
     models: dict[str, dict[str, Any]] | None = None
     #: Taken out of rotation (``POST /v1/nodes/{id}/drain``): requests in flight finish, no new ones.
     draining: bool = False
+    #: Roles served on demand whose server is not running now (a request waits for a load);
+    #: kept by :meth:`NodeRegistry.set_cold`, which counts them per role.
+    cold: frozenset[str] = frozenset()
 
     def reset_health(self) -> None:
         """A clean slate: registered again, or back from stale."""
@@ -86,6 +89,9 @@ class NodeRegistry(abc.ABC):
         self.max_nodes = max_nodes
         self.max_nodes_per_key = max_nodes_per_key
         self.clock = clock
+        #: Per role, how many nodes have it cold (absent: none), so that routing asks for warm
+        #: nodes first only where a cold one exists.
+        self._cold_count: dict[str, int] = {}
 
     #: How often :meth:`sync` should run; ``None`` when the registry is local only.
     sync_interval_s: float | None = None
@@ -148,6 +154,27 @@ class NodeRegistry(abc.ABC):
                 f"node '{node_id}' was registered with another node key; only that key may change it "
                 "(or wait until it is evicted)"
             )
+
+    def set_cold(self, node: Node, roles: Iterable[str]) -> None:
+        """Record which of the node's roles are cold (loaded on demand, not running now)."""
+        new = frozenset(roles).intersection(node.roles)
+        old = node.cold
+        if new == old:
+            return
+        counts = self._cold_count
+        for role in old - new:
+            left = counts.get(role, 0) - 1
+            if left > 0:
+                counts[role] = left
+            else:
+                counts.pop(role, None)
+        for role in new - old:
+            counts[role] = counts.get(role, 0) + 1
+        node.cold = new
+
+    def has_cold(self, role: str) -> bool:
+        """Does any registered node have ``role`` cold? (one dict lookup: the request path asks)"""
+        return role in self._cold_count
 
     def is_stale(self, node: Node, now: float) -> bool:
         """No heartbeat for ``stale_after_s``: no traffic, but still listed."""

@@ -58,6 +58,7 @@ class MemoryRegistry(NodeRegistry):
             self._unindex(node)
             node.roles = roles
             self._index(node)
+            self.set_cold(node, node.cold)  # a role it no longer has is not cold either
         node.base_url, node.key_id, node.version, node.models = base_url, key_id, version, models
         node.last_seen = max(node.last_seen, last_seen)
         return node, False
@@ -67,6 +68,7 @@ class MemoryRegistry(NodeRegistry):
         if node is None:
             return False
         self._unindex(node)
+        self.set_cold(node, ())
         return True
 
     async def register(self, req: RegisterRequest, key_id: str | None) -> tuple[Node, bool]:
@@ -89,6 +91,7 @@ class MemoryRegistry(NodeRegistry):
         node, new = self._upsert(req.node_id, req.base_url, roles, key_id, req.version, req.models, now)
         node.reset_health()
         node.apply_load(req)
+        self.set_cold(node, req.cold_roles or ())
         return node, new
 
     async def heartbeat(self, req: HeartbeatRequest, key_id: str | None = None) -> Node | None:
@@ -98,6 +101,8 @@ class MemoryRegistry(NodeRegistry):
         self.check_owner(req.node_id, node.key_id, key_id)
         self._touch(node, self.clock())
         node.apply_load(req)
+        if req.cold_roles is not None:
+            self.set_cold(node, req.cold_roles)
         return node
 
     def _touch(self, node: Node, seen: float) -> None:

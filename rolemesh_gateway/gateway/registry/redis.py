@@ -104,7 +104,12 @@ return gone
 """
 
 
-def _load_json(slots_total: int | None, slots_busy: int | None, inflight: int | None) -> bytes:
+def _load_json(
+    slots_total: int | None, slots_busy: int | None, inflight: int | None, cold: Any = None
+) -> bytes:
+    # Cold roles (on-demand models not running) ride as a 4th item, only when there are some.
+    if cold:
+        return orjson.dumps([slots_total, slots_busy, inflight, sorted(cold)])
     return orjson.dumps([slots_total, slots_busy, inflight])
 
 
@@ -195,7 +200,7 @@ class RedisRegistry(MemoryRegistry):
                 "models": req.models,
             }
         )
-        load = _load_json(req.slots_total, req.slots_busy, req.inflight)
+        load = _load_json(req.slots_total, req.slots_busy, req.inflight, req.cold_roles)
         quota = self.max_nodes_per_key or 0
         args = [req.node_id, self.max_nodes, now, data, load, key_id or "", quota]
         existed = await self._call(self._register, self._keys, args)
@@ -219,7 +224,11 @@ class RedisRegistry(MemoryRegistry):
         if node is not None:
             self.check_owner(req.node_id, node.key_id, key_id)
             node.apply_load(req)
-        load = _load_json(node.slots_total, node.slots_busy, node.reported_inflight) if node else b""
+            if req.cold_roles is not None:
+                self.set_cold(node, req.cold_roles)
+        load = (
+            _load_json(node.slots_total, node.slots_busy, node.reported_inflight, node.cold) if node else b""
+        )
         done = await self._call(self._heartbeat, self._keys[:3], [req.node_id, now, load, key_id or ""])
         if done == -2:
             self.check_owner(req.node_id, "another key", key_id)
@@ -305,7 +314,9 @@ class RedisRegistry(MemoryRegistry):
         for raw_id, raw in loads.items():
             node = self._nodes.get(raw_id.decode())
             if node is not None:
-                node.slots_total, node.slots_busy, node.reported_inflight = orjson.loads(raw)
+                figures = orjson.loads(raw)
+                node.slots_total, node.slots_busy, node.reported_inflight = figures[:3]
+                self.set_cold(node, figures[3] if len(figures) > 3 else ())
         drained = {raw.decode() for raw in draining}
         for node_id, node in self._nodes.items():
             node.draining = node_id in drained
