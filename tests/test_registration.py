@@ -55,6 +55,11 @@ class StubSupervisor:
         self.hold_after: int | None = None
         #: Sleep for real for the delay asked (a test of the loop's timing).
         self.real_time = False
+        #: Roles served on demand whose server is not running (sent as cold_roles).
+        self.cold: list[str] | None = None
+
+    def cold_roles(self) -> list[str] | None:
+        return self.cold
 
     def ready_roles(self) -> list[str]:
         return list(self.roles)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -54,6 +55,7 @@ from ..common.relay import pass_through, upstream_headers
 from ..common.tasks import TaskOwner, on_signal
 from .config import AgentConfig, load_config
 from .metrics import AgentStats, exposition
+from .ondemand import LoadStats
 from .registration import Registrar
 from .supervisor import Supervisor
 
@@ -71,11 +73,12 @@ class Agent:
         self.config_path = config_path
         self.client = client or Client(keepalive_s=30.0)
         self.inflight = 0
-        #: Requests in flight per role (a role a reload retires is stopped when its count is 0).
-        self.role_inflight: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.supervisor = Supervisor(cfg, self.client)
+        #: Requests in flight per role (a role a reload retires is stopped when its count is 0;
+        #: an on-demand server is never stopped while its count is above 0).
+        self.role_inflight: dict[str, int] = self.supervisor.on_demand.inflight
         self.registrar = Registrar(cfg, self.client, self.supervisor, lambda: self.inflight)
         self._tasks = TaskOwner()
         self.stats = AgentStats()
@@ -224,56 +227,89 @@ class Agent:
                 f"node {self.cfg.node_id} serves no role '{role}'; it serves: {', '.join(backends)}",
                 param="model",
             )
-        if not backend.ready or backend.url is None:
+        if not backend.on_demand and (not backend.ready or backend.url is None):
             why = f" ({backend.detail})" if backend.detail else ""
             raise NoUpstreamAvailable(f"role '{role}' on node {self.cfg.node_id} is {backend.state}{why}")
         if role in self._rewrite and body:
             data["model"] = self._rewrite[role]
             body = orjson.dumps(data)
-        target = f"role {role} ({backend.url})"
-        url = backend.url + raw_target(scope)
         out = upstream_headers(headers, self._auth.get(role, []))
+        # Counted from here, before any wait for a load: an on-demand server with a request in
+        # flight is never stopped (idle or for room).
         self.inflight += 1
         self.role_inflight[role] = self.role_inflight.get(role, 0) + 1
         status = _Status(send)
-        try:
+        started = time.monotonic()
+        waited = 0.0
+
+        async def work() -> None:
+            nonlocal waited
+            if backend.on_demand:
+                waited = await self.supervisor.on_demand.ready(role, self.cfg.node_id)
+            if backend.url is None:  # pragma: no cover - ready implies a URL
+                raise NoUpstreamAvailable(f"role '{role}' on node {self.cfg.node_id} is {backend.state}")
             # Kept alive when the backend allows it. llama-server closes its end after a
             # streamed answer; the client then drops that connection from its pool (or, if the
             # next request races the close, sends it again on a fresh one).
-            anthropic = scope["path"] in ANTHROPIC_PATHS
-            work = pass_through(
+            await pass_through(
                 self.client,
                 scope["method"],
-                url,
+                backend.url + raw_target(scope),
                 out,
                 body,
                 self.cfg.timeouts,
                 status,
                 [],
-                target,
-                anthropic=anthropic,
+                f"role {role} ({backend.url})",
+                anthropic=scope["path"] in ANTHROPIC_PATHS,
                 write_timeout_s=self.cfg.limits.write_timeout_s,
             )
-            await cancel_on_disconnect(receive, work)
+
+        try:
+            await cancel_on_disconnect(receive, work())
+        except RoleMeshError as exc:
+            status.status = exc.status
+            raise
         finally:
             self.inflight -= 1
             self.role_inflight[role] -= 1
             self._idle.set()
             self.stats.requests[(role, status.status or 499)] += 1
+            if backend.on_demand:
+                self.supervisor.on_demand.used(role)
+                if waited:
+                    self._cold_start(role, started, waited, status.first_at)
+
+    def _cold_start(self, role: str, started: float, waited: float, first_at: float | None) -> None:
+        """Log and count the first byte of a request that waited for its model to load."""
+        if first_at is None:
+            return
+        first = first_at - started
+        LoadStats.add(self.supervisor.on_demand.stats.cold_first_byte, role, first)
+        log.info(
+            "role %s: first byte after %.2fs, of which %.2fs waiting for the model to load",
+            role,
+            first,
+            waited,
+        )
 
 
 class _Status:
     """``send``, remembering the status of the answer (for the request counter)."""
 
-    __slots__ = ("_send", "status")
+    __slots__ = ("_send", "first_at", "status")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.status = 0
+        #: When the first body bytes went out (monotonic), for the cold-start report.
+        self.first_at: float | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+        elif self.first_at is None and message.get("body"):
+            self.first_at = time.monotonic()
         await self._send(message)
 
 

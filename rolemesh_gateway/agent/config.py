@@ -67,6 +67,19 @@ class LlamaServerSpec(Closed):
     binary: Annotated[str, Field(min_length=1)] | None = None
     #: Start it with ``--metrics``, so the agent's ``/metrics`` carries its ``llamacpp:*`` series.
     metrics: bool = True
+    #: ``always`` (started with the agent) or ``on_demand`` (started by the first request that
+    #: needs it, stopped when idle or to make room under ``max_running``).
+    start: Literal["always", "on_demand"] = "always"
+    #: An on-demand server with nothing in flight for this long is stopped (none: only to make room).
+    idle_unload_s: PositiveSeconds | None = None
+    #: How long a load may take (and a request wait for room); default ``supervisor.load_timeout_s``.
+    load_timeout_s: PositiveSeconds | None = None
+
+    @model_validator(mode="after")
+    def _on_demand_only(self) -> LlamaServerSpec:
+        if self.idle_unload_s is not None and self.start != "on_demand":
+            raise ValueError("'idle_unload_s' applies only with start: on_demand")
+        return self
 
 
 class RoleConfig(Closed):
@@ -116,6 +129,9 @@ class AgentConfig(Closed):
     gateway_timeout_s: PositiveSeconds = 5.0
     roles: Annotated[dict[Role, RoleConfig], Field(min_length=1, max_length=32)]
     supervisor: SupervisorSettings = SupervisorSettings()
+    #: How many llama-servers may run at once on this host (none: no limit); starting one more
+    #: on demand stops the least recently used idle on-demand one first.
+    max_running: Annotated[int, Field(ge=1)] | None = None
     probes: Probes = Probes(interval_s=5.0, timeout_s=5.0)
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
@@ -127,6 +143,15 @@ class AgentConfig(Closed):
                 f"advertise_url is required when host is {self.host}: "
                 "give the URL the gateway should use to reach this agent"
             )
+        if self.max_running is not None:
+            always = [
+                r for r, rc in self.roles.items() if rc.llama_server and rc.llama_server.start == "always"
+            ]
+            if len(always) > self.max_running:
+                raise ValueError(
+                    f"max_running: {self.max_running} is less than the {len(always)} roles that always "
+                    f"run ({', '.join(always)}); raise it or give some 'start: on_demand'"
+                )
         return self
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -22,6 +22,7 @@ from ..common.errors import RoleMeshError
 from ..common.http1 import Client
 
 if TYPE_CHECKING:
+    from .ondemand import LoadStats
     from .supervisor import Supervisor
 
 SCRAPE_TIMEOUT_S = 2.0
@@ -79,7 +80,42 @@ class _Collector:
         for (role, status), n in sorted(self._stats.requests.items()):
             requests.add_metric([role, str(status)], float(n))
         yield requests
+        yield from _on_demand(self._supervisor.on_demand.stats)
         yield from _with_role(self._upstream)
+
+
+def _on_demand(stats: LoadStats) -> Iterator[Metric]:
+    """Loads and unloads of on-demand roles (``start: on_demand``)."""
+    loads = CounterMetricFamily(
+        "rolemesh_agent_model_loads", "On-demand starts of a role's llama-server.", labels=("role",)
+    )
+    for role, n in sorted(stats.loads.items()):
+        loads.add_metric([role], float(n))
+    yield loads
+    seconds = SummaryMetricFamily(
+        "rolemesh_agent_model_load_seconds",
+        "Time an on-demand llama-server took from start to /health 200.",
+        labels=("role",),
+    )
+    for role, (n, total) in sorted(stats.load_seconds.items()):
+        seconds.add_metric([role], n, total)
+    yield seconds
+    unloads = CounterMetricFamily(
+        "rolemesh_agent_model_unloads",
+        "On-demand llama-servers stopped, by reason (idle: idle_unload_s; evicted: max_running).",
+        labels=("role", "reason"),
+    )
+    for (role, reason), n in sorted(stats.unloads.items()):
+        unloads.add_metric([role, reason], float(n))
+    yield unloads
+    first = SummaryMetricFamily(
+        "rolemesh_agent_cold_start_first_byte_seconds",
+        "Requests that waited for a model to load: time from arrival to the first byte of the answer.",
+        labels=("role",),
+    )
+    for role, (n, total) in sorted(stats.cold_first_byte.items()):
+        first.add_metric([role], n, total)
+    yield first
 
 
 def _with_role(upstream: dict[str, str | None]) -> Iterator[Metric]:

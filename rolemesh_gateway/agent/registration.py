@@ -77,7 +77,7 @@ class Registrar:
     async def tick(self) -> None:
         """One step: (re-)register if the ready roles changed, else heartbeat."""
         roles = tuple(self._supervisor.ready_roles())
-        if roles != self.registered:
+        if roles != self.registered or self._info_missing():
             if roles:
                 await self.register(roles)
             elif self.registered is not None:
@@ -87,7 +87,7 @@ class Registrar:
         if not roles:
             return
         load = await self.load()
-        req = HeartbeatRequest(node_id=self.cfg.node_id, **load)
+        req = HeartbeatRequest(node_id=self.cfg.node_id, cold_roles=self._supervisor.cold_roles(), **load)
         status, body = await self._call("POST", "/v1/nodes/heartbeat", req.model_dump(exclude_none=True))
         if status == 404:
             log.info("gateway does not know node %s (it restarted?); registering again", self.cfg.node_id)
@@ -107,6 +107,7 @@ class Registrar:
             inflight=load.get("inflight"),
             slots_total=load.get("slots_total"),
             slots_busy=load.get("slots_busy"),
+            cold_roles=self._supervisor.cold_roles(),
         )
         status, body = await self._call("POST", "/v1/nodes/register", req.model_dump(exclude_none=True))
         if status not in (200, 201):
@@ -131,6 +132,15 @@ class Registrar:
                 answer.stale_after_s,
                 answer.heartbeat_interval_hint_s,
             )
+
+    def _info_missing(self) -> bool:
+        """Has a server started (an on-demand load) whose model the gateway was not told of yet?"""
+        if self.registered is None:
+            return False
+        return any(
+            role in self.registered and self._model_info.get(role, ("", None))[0] != b.url
+            for role, b in self._supervisor.ready_backends().items()
+        )
 
     async def model_info(self, roles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         """What each ready role's server says about its model, asked once per server start."""

@@ -14,7 +14,8 @@ A ``proxy_url`` role gets an :class:`ExternalServer`, which only probes the heal
 
 Backend states (:data:`BackendState`): ``starting`` -> ``loading`` -> ``ready``; then
 ``restarting`` after a crash or failed probes (back to ``loading``), ``stopping`` / ``exited``
-at shutdown. An external server is ``ready``, ``unreachable`` or ``not ready``.
+at shutdown. An external server is ``ready``, ``unreachable`` or ``not ready``. A role started
+on demand (:mod:`.ondemand`) is ``cold`` while its server is not running.
 """
 
 from __future__ import annotations
@@ -40,9 +41,18 @@ from ..common.http1 import Client
 from ..common.probe import probe
 from ..common.tasks import TaskOwner
 from .config import AgentConfig, LlamaServerSpec, RoleConfig, SupervisorSettings
+from .ondemand import SWEEP_S, OnDemand
 
 BackendState = Literal[
-    "starting", "loading", "ready", "restarting", "stopping", "exited", "unreachable", "not ready"
+    "starting",
+    "loading",
+    "ready",
+    "restarting",
+    "stopping",
+    "exited",
+    "unreachable",
+    "not ready",
+    "cold",
 ]
 
 log = logging.getLogger("rolemesh.agent.supervisor")
@@ -81,6 +91,9 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
 class Backend(abc.ABC):
     """The server behind one role, as the proxy and the registration see it."""
 
+    #: Started by the first request that needs it (``start: on_demand``), not with the agent.
+    on_demand = False
+
     def __init__(self, role: str, url: str | None, on_change: Callable[[], None]) -> None:
         self.role = role
         self.url = url
@@ -90,10 +103,16 @@ class Backend(abc.ABC):
         self.state: BackendState = "starting"
         self.detail = ""
         self._on_change = on_change
+        #: Set while ready (a request waiting for an on-demand load waits on it).
+        self.loaded = asyncio.Event()
 
     def _set(self, ready: bool, state: BackendState, detail: str = "") -> None:
         changed = ready != self.ready
         self.ready, self.state, self.detail = ready, state, detail
+        if ready:
+            self.loaded.set()
+        else:
+            self.loaded.clear()
         if changed:
             log.info(
                 "role %s is %s%s", self.role, "ready" if ready else state, f": {detail}" if detail else ""
@@ -158,6 +177,14 @@ class ManagedServer(Backend):
         #: Set when the agent starts shutting down: a child that exits now is not restarted.
         self.stopping = False
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self.on_demand = spec.start == "on_demand"
+        self.load_timeout_s = spec.load_timeout_s or s.load_timeout_s
+        #: The setting that gave it, for messages.
+        self.load_timeout_key = "supervisor.load_timeout_s"
+        if spec.load_timeout_s:
+            self.load_timeout_key = f"roles.{role}.llama_server.load_timeout_s"
+        if self.on_demand:
+            self.state, self.detail = "cold", "starts on the first request"
 
     def describe(self) -> dict[str, object]:
         pid = self.proc.pid if self.proc and self.proc.returncode is None else None
@@ -224,7 +251,7 @@ class ManagedServer(Backend):
     async def _wait_loaded(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> str | None:
         """Poll ``/health`` until 200; None when loaded, else why it failed."""
         start = time.monotonic()
-        deadline = start + self._s.load_timeout_s
+        deadline = start + self.load_timeout_s
         next_note = start + 5.0
         poll = Backoff(0.05, 0.5)
         while True:
@@ -235,7 +262,7 @@ class ManagedServer(Backend):
                 return None
             now = time.monotonic()
             if now >= deadline:
-                return f"did not load within {self._s.load_timeout_s:g}s (supervisor.load_timeout_s)"
+                return f"did not load within {self.load_timeout_s:g}s ({self.load_timeout_key})"
             if now >= next_note:
                 log.info(
                     "role %s: waiting for llama-server (pid %d) to load %s: %.0fs of at most %.0fs",
@@ -243,7 +270,7 @@ class ManagedServer(Backend):
                     proc.pid,
                     self.spec.model,
                     now - start,
-                    self._s.load_timeout_s,
+                    self.load_timeout_s,
                 )
                 next_note = now + 5.0
             await asyncio.wait({exited}, timeout=poll.next())
@@ -354,6 +381,13 @@ class Supervisor:
         self._cfg = cfg
         for role, rc in cfg.roles.items():
             self.backends[role] = self._backend(role, rc, cfg)
+        self.on_demand = OnDemand(self, cfg.max_running)
+        #: Servers being stopped (idle, or for room): a new load of the role waits for the stop.
+        self._stopping: dict[str, asyncio.Task[Any]] = {}
+
+    @property
+    def owner(self) -> TaskOwner:
+        return self._owner
 
     def _backend(self, role: str, rc: RoleConfig, cfg: AgentConfig) -> Backend:
         self._specs[role] = (rc, cfg.supervisor, cfg.probes)
@@ -365,7 +399,49 @@ class Supervisor:
 
     def start(self) -> None:
         for role, backend in self.backends.items():
-            self._tasks[role] = self._owner.start(f"supervise-{role}", backend.run())
+            if not backend.on_demand:
+                self.launch(role)
+        self._owner.every("unload-idle-models", SWEEP_S, self.on_demand.sweep)
+
+    # -- on demand (used by :class:`~.ondemand.OnDemand`) ---------------------------------------
+    def managed(self, role: str) -> ManagedServer:
+        backend = self.backends[role]
+        assert isinstance(backend, ManagedServer)
+        return backend
+
+    def launch(self, role: str) -> None:
+        """Start supervising ``role``'s server (start it, restart it if it dies)."""
+        self._tasks[role] = self._owner.start(f"supervise-{role}", self.backends[role].run())
+
+    def running(self, role: str) -> bool:
+        task = self._tasks.get(role)
+        return task is not None and not task.done()
+
+    def running_roles(self) -> list[str]:
+        """Roles whose llama-server this agent runs now (starting and loading included)."""
+        return [r for r, b in self.backends.items() if isinstance(b, ManagedServer) and self.running(r)]
+
+    async def halt(self, role: str, detail: str) -> None:
+        """Stop an on-demand role's server (TERM, then KILL); the role is cold afterwards."""
+        backend = self.backends[role]
+        task = self._tasks.pop(role, None)
+        backend._set(False, "stopping", detail)  # at once: no new request goes to it
+        if task is not None:
+            task.cancel()
+            self._stopping[role] = task
+            try:
+                await asyncio.wait({task})
+            finally:
+                if self._stopping.get(role) is task:
+                    del self._stopping[role]
+        if self.backends.get(role) is backend and not self.running(role):
+            backend._set(False, "cold", detail)
+
+    async def stopped(self, role: str) -> None:
+        """Return once a stop of ``role``'s server in progress is over."""
+        task = self._stopping.get(role)
+        if task is not None:
+            await asyncio.wait({task})
 
     def exiting(self) -> None:
         """The agent got SIGTERM or SIGINT: children that exit from now on stay stopped.
@@ -400,15 +476,27 @@ class Supervisor:
             old = self.backends.pop(role)
             task = self._tasks.pop(role, None)
             self._owner.start(f"retire-{role}", _retire(role, old, task, idle))
+        self.on_demand.max_running = cfg.max_running
         for role in added + changed:
             backend = self.backends[role] = self._backend(role, cfg.roles[role], cfg)
-            self._tasks[role] = self._owner.start(f"supervise-{role}", backend.run())
+            if not backend.on_demand:
+                self.launch(role)
         if added or removed or changed:
             self._changed.set()
         return added, removed, changed
 
     def ready_roles(self) -> list[str]:
-        return [role for role, b in self.backends.items() if b.ready]
+        """The roles this node can serve: ready, or loaded on demand (then maybe cold)."""
+        return [role for role, b in self.backends.items() if b.ready or b.on_demand]
+
+    def cold_roles(self) -> list[str] | None:
+        """On-demand roles whose server is not ready: a request waits for a load.
+
+        None when no role is on demand, so that such an agent's messages stay as they were.
+        """
+        if not any(b.on_demand for b in self.backends.values()):
+            return None
+        return [role for role, b in self.backends.items() if b.on_demand and not b.ready]
 
     def ready_backends(self) -> dict[str, Backend]:
         """The backends that can serve now, by role."""

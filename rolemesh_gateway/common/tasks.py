@@ -19,6 +19,7 @@ class TaskOwner:
     def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         task.add_done_callback(self._report)
+        self._tasks = [t for t in self._tasks if not t.done()]  # short-lived ones (loads) go
         self._tasks.append(task)
         return task
 
