@@ -273,3 +273,27 @@ def test_a_quota_of_nodes_per_key() -> None:
         await r.register(req("c", "chat"), "key-2")  # another key has its own quota
 
     run(go())
+
+
+def test_cold_roles_are_kept_per_node_and_counted_per_role() -> None:
+    async def go() -> None:
+        r = make(Clock())
+        a, _ = await r.register(req("a", "chat", "code", cold_roles=["chat", "code"]), None)
+        b, _ = await r.register(req("b", "chat", cold_roles=["chat"]), None)
+        assert a.cold == {"chat", "code"} and r.has_cold("chat") and r.has_cold("code")
+        # A heartbeat without the field (an older agent's) changes nothing; with it, it replaces.
+        await r.heartbeat(HeartbeatRequest(node_id="a"))
+        assert a.cold == {"chat", "code"}
+        await r.heartbeat(HeartbeatRequest(node_id="a", cold_roles=["chat"]))
+        assert a.cold == {"chat"} and not r.has_cold("code")
+        # A role a node no longer has is not cold; one it never had cannot be.
+        await r.register(req("b", "other", cold_roles=["chat", "nope"]), None)
+        assert b.cold == frozenset() and r.has_cold("chat")
+        await r.deregister("a")
+        assert not r.has_cold("chat")
+        # Registering again without the field (an older agent): every role warm.
+        c, _ = await r.register(req("c", "chat", cold_roles=["chat"]), None)
+        await r.register(req("c", "chat"), None)
+        assert c.cold == frozenset() and not r.has_cold("chat")
+
+    run(go())

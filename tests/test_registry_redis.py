@@ -234,3 +234,23 @@ def test_a_node_belongs_to_its_key_across_gateways(redis_url: str, upstreams: Up
         with gw.client() as c:
             assert c.post("/v1/chat/completions", json={}).status_code == 200
     assert {s.headers.get("x-rolemesh-node-key") for s in node.seen} == {"nk-node2"}  # its own key, always
+
+
+def test_cold_roles_reach_every_gateway(redis_url: str, upstreams: Up, gateway: Gw) -> None:
+    node = upstreams("n")
+    gw_a = gateway(shared_config(redis_url))
+    gw_b = gateway(shared_config(redis_url))
+    body = {"node_id": "n", "base_url": node.url, "roles": ["writer"], "cold_roles": ["writer"]}
+    assert httpx.post(f"{gw_a.url}/v1/nodes/register", headers=NODE, json=body).status_code == 201
+
+    def seen_on_b() -> list[str]:
+        with gw_b.client() as b:
+            nodes = b.get("/v1/nodes").json()["data"]
+        return list(nodes[0]["cold_roles"]) if nodes else ["(none)"]
+
+    wait_until(lambda: seen_on_b() == ["writer"], 2, "the cold role seen on B")
+    with gw_b.client() as b:
+        assert b.get("/v1/models").json()["data"][0]["cold"] is True
+    warm = {"node_id": "n", "cold_roles": []}
+    assert httpx.post(f"{gw_a.url}/v1/nodes/heartbeat", headers=NODE, json=warm).status_code == 200
+    wait_until(lambda: seen_on_b() == [], 2, "warm again on B")

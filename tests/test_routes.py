@@ -651,3 +651,46 @@ def test_after_an_ejection_the_node_is_on_probation() -> None:
         assert f.state(a) == "fresh" and a.failures == 1  # back to the normal count
 
     run(go())
+
+
+# -- warm before cold (models on demand) ------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_busy"])
+def test_a_warm_node_gets_every_request_while_it_has_room(strategy: str) -> None:
+    async def go() -> None:
+        f = Fleet(make_settings({"strategy": strategy}))
+        cold = await f.add("cold", cold_roles=["chat"])
+        await f.add("warm")
+        f.client.on("http://", Reply.json(200, {}))
+        for n in range(20):
+            assert (await send_one(f.chat, n)).status == 200
+        assert f.client.urls() == [url("warm")] * 20
+        assert f.chat.describe()["cold"] is False
+        # The warm node leaves: the cold one serves (the client waits for its load).
+        await f.registry.deregister("warm", key_id(KEY_1))
+        assert f.chat.cold() is True and f.chat.available() == (True, "ok")
+        await send_one(f.chat)
+        assert f.client.urls()[-1] == url("cold")
+        # Its heartbeat says it is warm now: nothing cold left for the role.
+        await f.registry.heartbeat(HeartbeatRequest(node_id="cold", cold_roles=[]), key_id(KEY_1))
+        assert cold.cold == frozenset() and not f.registry.has_cold("chat")
+
+    run(go())
+
+
+def test_a_cold_node_takes_the_request_when_every_warm_node_is_full() -> None:
+    async def go() -> None:
+        f = queued_fleet()
+        await f.add("cold", cold_roles=["chat"], slots_total=1)
+        warm = await f.add("warm", slots_total=1)
+        gate = asyncio.Event()
+        f.client.on("http://", Reply.json(200, {}, gate=gate))
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(send_one(f.chat, 1))
+        await wait_for(lambda: warm.inflight == 1, "the first request on the warm node")
+        second = loop.create_task(send_one(f.chat, 2))
+        await wait_for(lambda: len(f.client.calls) == 2, "the second request sent")
+        gate.set()
+        await asyncio.gather(first, second)
+        assert f.client.urls() == [url("warm"), url("cold")]
+
+    run(go())
