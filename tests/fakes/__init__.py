@@ -49,6 +49,8 @@ class FakeUpstream:
     health_status: int = 200
     big_body: int = 0
     cut_body: bool = False
+    #: Drop the connection of a stream after its first event (a node dying mid-answer).
+    cut_stream: bool = False
     seen: list[Seen] = field(default_factory=list)
     cancelled: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -139,6 +141,10 @@ class FakeUpstream:
                 "sent_at": time.time(),
             }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.cut_stream:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
             if self.chunk_interval_s:
                 await asyncio.sleep(self.chunk_interval_s)
         done = {
