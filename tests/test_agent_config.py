@@ -169,3 +169,26 @@ def test_example_config_is_valid_apart_from_its_placeholder_paths(fake_files: di
 def test_url_is_still_accepted_for_proxy_url() -> None:
     cfg = parse_config(base(coder={"url": "http://127.0.0.1:8013/"}), env={})
     assert cfg.roles["coder"].proxy_url == "http://127.0.0.1:8013"
+
+
+def test_on_demand_settings_and_their_mistakes(fake_files: dict[str, str]) -> None:
+    spec = {"model": fake_files["model"], "binary": fake_files["binary"]}
+    on_demand = {"llama_server": {**spec, "start": "on_demand", "idle_unload_s": 300, "load_timeout_s": 60}}
+    cfg = parse_config({**base(p=on_demand, q={"llama_server": spec}), "max_running": 1}, env={"PATH": ""})
+    p = cfg.roles["p"].llama_server
+    assert p is not None and (p.start, p.idle_unload_s, p.load_timeout_s) == ("on_demand", 300, 60)
+    assert cfg.max_running == 1
+    q = cfg.roles["q"].llama_server
+    assert q is not None and (q.start, q.idle_unload_s) == ("always", None)  # as before by default
+    assert error(base(p={"llama_server": {**spec, "idle_unload_s": 5}})) == (
+        "agent.yaml: roles.p.llama_server: 'idle_unload_s' applies only with start: on_demand"
+    )
+    assert error(base(p={"llama_server": {**spec, "start": "lazy"}})) == (
+        "agent.yaml: roles.p.llama_server.start: got 'lazy'; input should be 'always' or 'on_demand'"
+    )
+    two = base(p={"llama_server": spec}, q={"llama_server": spec})
+    assert error({**two, "max_running": 1}) == (
+        "agent.yaml: max_running: 1 is less than the 2 roles that always run (p, q); raise it or give "
+        "some 'start: on_demand'"
+    )
+    assert "max_running: got 0" in error({**two, "max_running": 0})
