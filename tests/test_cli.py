@@ -34,7 +34,7 @@ def test_validate_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err.strip()
     assert err == (
         f"rolemesh-gateway: config error: {bad}: models.p.prox_url: unknown key; allowed here: "
-        "type, openai_model_name, proxy_url, upstream_model, health_path, api_key, timeouts"
+        "type, openai_model_name, proxy_url, upstream_model, health_path, api_key, timeouts, fallbacks"
     )
 
 
@@ -219,3 +219,24 @@ def test_graceful_timeout_bounds_the_wait_for_streams(tmp_path: Path) -> None:
         assert "data: [DONE]" not in lines
     finally:
         up.stop()
+
+
+def test_validate_shows_fallback_chains_and_refuses_a_cycle_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "version: 1\ndefault_model: planner\nmodels:\n"
+        "  planner: {type: discovered, role: planner, fallbacks: [writer]}\n"
+        "  writer: {type: discovered, role: writer, fallbacks: [big]}\n"
+        "  big: {type: proxy, proxy_url: 'http://127.0.0.1:9'}\n"
+    )
+    assert cli.main(["validate", str(good)]) == 0
+    assert "planner (planner): discovered role=planner" in (out := capsys.readouterr().out)
+    assert "; fallbacks: writer -> big" in out
+    bad = tmp_path / "cycle.yaml"
+    bad.write_text(good.read_text().replace("fallbacks: [big]", "fallbacks: [planner]"))
+    assert cli.main(["validate", str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        f"rolemesh-gateway: config error: {bad}: models.planner.fallbacks: cycle planner -> writer -> planner\n"
+    )

@@ -44,7 +44,9 @@ def _summary(path: str, s: Settings) -> str:
             where = m.proxy_url
         else:
             where = f"role={m.role} strategy={m.strategy} ({STRATEGIES[m.strategy][1]})"
-        lines.append(f"  {alias} ({s.advertised_name(alias)}): {m.type} {where}")
+        chain = s.fallback_chain(alias)
+        then = f"; fallbacks: {' -> '.join(chain)}" if chain else ""
+        lines.append(f"  {alias} ({s.advertised_name(alias)}): {m.type} {where}{then}")
     if not s.auth.client_api_keys:
         lines.append("  warning: no auth.client_api_keys: anyone who can reach the gateway can use it")
     return "\n".join(lines)
