@@ -238,5 +238,6 @@ def test_validate_shows_fallback_chains_and_refuses_a_cycle_in_one_line(
     bad.write_text(good.read_text().replace("fallbacks: [big]", "fallbacks: [planner]"))
     assert cli.main(["validate", str(bad)]) == 2
     assert capsys.readouterr().err == (
-        f"rolemesh-gateway: config error: {bad}: models.planner.fallbacks: cycle planner -> writer -> planner\n"
+        f"rolemesh-gateway: config error: {bad}: "
+        "models.planner.fallbacks: cycle planner -> writer -> planner\n"
     )
