@@ -93,6 +93,11 @@ def test_a_cold_role_loads_on_the_first_request_unloads_when_idle_and_loads_agai
     wait_until(lambda: registered(gw), 10, "the cold roles registered")
     # Registered and available, but nothing runs: the gateway says the alias is cold.
     assert a.roles() == {"planner": "cold", "writer": "cold"}
+    # The agent's own endpoints and its heartbeats (every 0.5 s meanwhile) start nothing.
+    with httpx.Client(base_url=a.url, headers={"X-RoleMesh-Node-Key": NODE_KEY}, timeout=5) as c:
+        assert c.get("/metrics").status_code == 200
+        assert sorted(m["id"] for m in c.get("/v1/models").json()["data"]) == ["planner", "writer"]
+    time.sleep(1.0)
     assert a.children() == []
     assert aliases(gw)["planner"]["cold"] is True
     with gw.client() as c:
