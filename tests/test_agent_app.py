@@ -317,3 +317,25 @@ def test_a_non_latin1_path_is_forwarded_encoded_not_crashed(upstreams: Up, agent
     r = httpx.post(f"{a.url}/v1/%E2%82%AC", json={"model": "planner"}, headers=KEY)
     assert r.status_code == 404  # the server's own answer (it has no such path), relayed
     assert "Traceback" not in a.log_text() and "UnicodeEncodeError" not in a.log_text()
+
+
+def test_an_on_demand_role_that_cannot_load_answers_503_with_the_reason(agent: Ag, tmp_path: Path) -> None:
+    binary, model = write_fake_llama_server(tmp_path)
+    spec = {"model": str(model), "binary": str(binary), "start": "on_demand"}
+    a = agent(
+        agent_config(
+            planner={"llama_server": {**spec, "args": ["--crash", "1"]}},
+            writer={"llama_server": spec},
+        )
+    )
+    assert a.roles() == {"planner": "cold", "writer": "cold"}
+    r = chat(a.url, "planner", headers=KEY)
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert message.startswith("role 'planner' on node gpu-box-1 could not be loaded: exited with status")
+    assert a.roles()["planner"] == "cold" and a.children() == []  # no restart loop for nobody
+    r = chat(a.url, "writer", headers=KEY)  # the other role loads and answers
+    assert r.status_code == 200 and a.roles()["writer"] == "ready"
+    metrics = httpx.get(f"{a.url}/metrics", headers=KEY, timeout=5).text
+    assert 'rolemesh_agent_requests_total{role="planner",status="503"} 1.0' in metrics
+    assert 'rolemesh_agent_model_loads_total{role="writer"} 1.0' in metrics
