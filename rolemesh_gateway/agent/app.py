@@ -227,6 +227,7 @@ class Agent:
                 f"node {self.cfg.node_id} serves no role '{role}'; it serves: {', '.join(backends)}",
                 param="model",
             )
+        path = raw_target(scope)  # an odd path is refused before anything waits for a server
         if not backend.on_demand and (not backend.ready or backend.url is None):
             why = f" ({backend.detail})" if backend.detail else ""
             raise NoUpstreamAvailable(f"role '{role}' on node {self.cfg.node_id} is {backend.state}{why}")
@@ -254,7 +255,7 @@ class Agent:
             await pass_through(
                 self.client,
                 scope["method"],
-                backend.url + raw_target(scope),
+                backend.url + path,
                 out,
                 body,
                 self.cfg.timeouts,
