@@ -43,7 +43,6 @@ from typing import Protocol, cast
 import httptools
 
 from .errors import UpstreamFailed, UpstreamTimeout, UpstreamUnreachable
-from .tls import reason as tls_reason
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -631,11 +630,30 @@ class Client:
         except TimeoutError:
             raise UpstreamUnreachable(f"timed out connecting to {target}") from None
         except ssl.SSLError as exc:
-            raise UpstreamUnreachable(f"{target}: {tls_reason(exc)}") from None
+            raise UpstreamUnreachable(f"cannot connect to {target}: {tls_reason(exc)}") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
             raise UpstreamUnreachable(f"cannot connect to {target}: {reason}") from None
         return conn
+
+
+def tls_reason(exc: BaseException) -> str:
+    """An SSL error in words: the verification message when there is one, else OpenSSL's reason.
+
+    ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer
+    certificate (_ssl.c:1006)`` becomes ``certificate verify failed: unable to get local issuer
+    certificate``; an alert from the other side (``tlsv1 alert unknown ca``) stays as OpenSSL
+    names it.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        text = str(getattr(exc, "reason", None) or "").lower().replace("_", " ")
+        if text == "http request":
+            return "the client spoke plain HTTP to the HTTPS port"
+        if text:
+            return text
+    return str(exc) or exc.__class__.__name__
 
 
 @functools.lru_cache(maxsize=16)

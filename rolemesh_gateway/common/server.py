@@ -34,8 +34,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Limits
+from .http1 import tls_reason as reason
 from .relay import CLIENT_ABORT
-from .tls import reason, tls_extension
+from .tls import tls_extension
 
 log = logging.getLogger("rolemesh.server")
 
@@ -305,7 +306,7 @@ class _Handshaking:
     def _shut(raw: asyncio.Transport, alert: bytes) -> None:
         if raw.is_closing():
             return
-        raw.set_protocol(_Drain(raw))
+        raw.set_protocol(_Drain(raw, raw.get_protocol()))
         try:
             if alert:
                 raw.write(alert)
@@ -343,9 +344,11 @@ class _AlertKeeper(ssl.SSLObject):
 
 
 class _Drain(asyncio.Protocol):
-    """Read and drop what a refused client still sends, until it closes (1 s at most)."""
+    """Read and drop what a refused client still sends, until it closes (1 s at most); then
+    tell the TLS protocol the connection is gone, as it would have been told without us."""
 
-    def __init__(self, raw: asyncio.Transport) -> None:
+    def __init__(self, raw: asyncio.Transport, tls: asyncio.BaseProtocol) -> None:
+        self._tls = tls
         self._timer = asyncio.get_running_loop().call_later(1.0, raw.abort)
 
     def data_received(self, data: bytes) -> None:
@@ -356,6 +359,7 @@ class _Drain(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
+        self._tls.connection_lost(exc)
 
 
 def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:

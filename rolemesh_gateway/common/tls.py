@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from .config import Closed
+from .http1 import tls_reason as reason
 
 Path = Annotated[str, Field(min_length=1)]
 
@@ -176,25 +177,6 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext | None:
             lambda: ctx.load_cert_chain(cert, key),
         )
     return ctx
-
-
-def reason(exc: BaseException) -> str:
-    """An SSL error in words: the verification message when there is one, else OpenSSL's reason.
-
-    ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer
-    certificate (_ssl.c:1006)`` becomes ``certificate verify failed: unable to get local issuer
-    certificate``; an alert from the other side (``tlsv1 alert unknown ca``) stays as OpenSSL
-    names it.
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        text = str(getattr(exc, "reason", None) or "").lower().replace("_", " ")
-        if text == "http request":
-            return "the client spoke plain HTTP to the HTTPS port"
-        if text:
-            return text
-    return str(exc) or exc.__class__.__name__
 
 
 def cert_names(cert: dict[str, Any] | None) -> tuple[str, ...]:
