@@ -8,6 +8,7 @@ are checked on both sides: what the agent logs, and what the gateway logs.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -248,3 +249,45 @@ def test_a_node_with_a_bad_certificate_is_refused_at_registration(
     agent.wait_log(agent_says)
     gw.wait_log(gateway_says)
     assert nodes(gw) == []
+
+
+def test_an_agent_given_http_for_a_tls_gateway_says_what_to_fix(
+    tmp_path: Path, certs: Path, upstream: FakeUpstream, procs: list[TlsService]
+) -> None:
+    gw = start_gateway(procs, tmp_path, certs, gateway_config(certs, identity="key"))
+    cfg = agent_config(gw, "gpu-box-1", certs, upstream.url, certs / "ca.crt")
+    cfg["gateway_url"] = gw.url.replace("https://", "http://")
+    agent = start_agent(procs, tmp_path, cfg, certs / "ca.crt")
+    log = agent.wait_log("closed the connection without answering")
+    assert f"gateway {cfg['gateway_url']} closed the connection without answering" in log
+    assert "(if it serves HTTPS, use an https:// URL)" in log
+    gw.wait_log("refused: the client spoke plain HTTP to the HTTPS port")
+
+
+def peer_serial(port: int, ca: Path) -> int:
+    ctx = trust(ca)
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        cert = s.getpeercert()
+    assert cert is not None
+    return int(str(cert["serialNumber"]), 16)
+
+
+def test_sighup_puts_a_renewed_gateway_certificate_on_new_connections(
+    tmp_path: Path, certs: Path, procs: list[TlsService]
+) -> None:
+    d = tmp_path / "certs"
+    shutil.copytree(certs, d)
+    gw = start_gateway(procs, tmp_path, d, gateway_config(d))
+    before = peer_serial(gw.port, d / "ca.crt")
+    subprocess.run(
+        [str(MAKE_CERTS), "-o", str(d), "--gateway-name", "gw.lan"], check=True, capture_output=True
+    )
+    assert peer_serial(gw.port, d / "ca.crt") == before  # nothing changes before the signal
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_log("config reloaded")
+    assert peer_serial(gw.port, d / "ca.crt") != before
+    assert httpx.get(f"{gw.url}/health", verify=trust(d / "ca.crt")).status_code == 200
