@@ -291,3 +291,11 @@ def test_sighup_puts_a_renewed_gateway_certificate_on_new_connections(
     gw.wait_log("config reloaded")
     assert peer_serial(gw.port, d / "ca.crt") != before
     assert httpx.get(f"{gw.url}/health", verify=trust(d / "ca.crt")).status_code == 200
+
+
+def test_the_bare_uvicorn_command_says_it_does_not_serve_tls_cert_file(certs: Path, gateway: Any) -> None:
+    cfg = gateway_config(certs, identity="key")
+    cfg["tls"].update(cert_file=str(certs / "gateway.crt"), key_file=str(certs / "gateway.key"))
+    gw = gateway(cfg, process=True)  # uvicorn rolemesh_gateway.main:app, plain HTTP
+    assert httpx.get(f"{gw.url}/health", timeout=5).status_code == 200
+    assert "warning: tls.cert_file is served by 'rolemesh-gateway' only" in gw.log_text()
