@@ -264,33 +264,42 @@ def test_an_agent_given_http_for_a_tls_gateway_says_what_to_fix(
     gw.wait_log("refused: the client spoke plain HTTP to the HTTPS port")
 
 
-def peer_serial(port: int, ca: Path) -> int:
+def peer_serial(port: int, ca: Path, name: str = "localhost", cert: str | None = None) -> int:
     ctx = trust(ca)
+    if cert:
+        ctx.load_cert_chain(ca.parent / f"{cert}.crt", ca.parent / f"{cert}.key")
     with (
         socket.create_connection(("127.0.0.1", port)) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ctx.wrap_socket(raw, server_hostname=name) as s,
     ):
-        cert = s.getpeercert()
-    assert cert is not None
-    return int(str(cert["serialNumber"]), 16)
+        got = s.getpeercert()
+    assert got is not None
+    return int(str(got["serialNumber"]), 16)
 
 
-def test_sighup_puts_a_renewed_gateway_certificate_on_new_connections(
-    tmp_path: Path, certs: Path, procs: list[TlsService]
+def test_sighup_puts_renewed_certificates_on_new_connections(
+    tmp_path: Path, certs: Path, upstream: FakeUpstream, procs: list[TlsService]
 ) -> None:
     d = tmp_path / "certs"
     shutil.copytree(certs, d)
     gw = start_gateway(procs, tmp_path, d, gateway_config(d))
-    before = peer_serial(gw.port, d / "ca.crt")
-    subprocess.run(
-        [str(MAKE_CERTS), "-o", str(d), "--gateway-name", "gw.lan"], check=True, capture_output=True
+    agent = start_agent(
+        procs, tmp_path, agent_config(gw, "gpu-box-1", d, upstream.url, d / "ca.crt"), d / "ca.crt"
     )
-    assert peer_serial(gw.port, d / "ca.crt") == before  # nothing changes before the signal
-    assert gw.proc is not None
-    gw.proc.send_signal(signal.SIGHUP)
-    gw.wait_log("config reloaded")
-    assert peer_serial(gw.port, d / "ca.crt") != before
+    gw_before = peer_serial(gw.port, d / "ca.crt")
+    agent_before = peer_serial(agent.port, d / "ca.crt", "gpu-box-1", "gateway")
+    renew = [str(MAKE_CERTS), "-o", str(d), "--gateway-name", "gw.lan", "gpu-box-1"]
+    subprocess.run(renew, check=True, capture_output=True)
+    assert peer_serial(gw.port, d / "ca.crt") == gw_before  # nothing changes before the signal
+    for p in (gw, agent):
+        assert p.proc is not None
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log("config reloaded")
+    assert peer_serial(gw.port, d / "ca.crt") != gw_before
+    assert peer_serial(agent.port, d / "ca.crt", "gpu-box-1", "gateway") != agent_before
     assert httpx.get(f"{gw.url}/health", verify=trust(d / "ca.crt")).status_code == 200
+    # The agent still reaches the gateway with its renewed client certificate.
+    wait_until(lambda: [n["node_id"] for n in nodes(gw)] == ["gpu-box-1"], 10, "gpu-box-1 registered")
 
 
 def test_the_bare_uvicorn_command_says_it_does_not_serve_tls_cert_file(certs: Path, gateway: Any) -> None:
