@@ -276,3 +276,21 @@ def test_client_checks_the_name_given_and_reports_tls_errors(
 class _T:
     connect_s = first_byte_s = idle_s = 3.0
     total_s = 3.0
+
+
+def test_validate_says_what_is_served_and_trusted(
+    certs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rolemesh_gateway.gateway import cli
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "version: 1\ndefault_model: m\nmodels: {m: {type: discovered, role: m}}\n"
+        f"nodes: {{identity: both}}\ntls: {{cert_file: {certs}/gateway.crt, key_file: {certs}/gateway.key, "
+        f"client_ca_file: {certs}/ca.crt, client_certs: optional, ca_file: {certs}/ca.crt}}\n"
+    )
+    assert cli.main(["validate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"tls: serves HTTPS, client certificates optional (CA {certs}/ca.crt); " in out
+    assert f"calls out trusting CA {certs}/ca.crt; nodes.identity=both" in out
+    assert TlsSettings().summary() == "tls: serves plain HTTP; calls out trusting the system's CAs"

@@ -47,6 +47,7 @@ def _summary(path: str, cfg: AgentConfig) -> str:
             )
         else:
             lines.append(f"  {role}: proxy_url {rc.proxy_url}")
+    lines.append(f"  {cfg.tls.summary()}")
     if cfg.node_key is None:
         lines.append("  warning: no node_key: anyone who can reach the agent can use its models")
     return "\n".join(lines)

@@ -70,6 +70,18 @@ class TlsSettings(Closed):
     def serving(self) -> bool:
         return self.cert_file is not None
 
+    def summary(self) -> str:
+        """One line for ``validate``: what is served and checked, or that nothing is."""
+        if self.cert_file is None:
+            served = "plain HTTP"
+        elif self.client_ca_file is None:
+            served = "HTTPS"
+        else:
+            served = f"HTTPS, client certificates {self.client_certs} (CA {self.client_ca_file})"
+        out = f"CA {self.ca_file}" if self.ca_file else "the system's CAs"
+        cert = f", presenting {self.client_cert_file}" if self.client_cert_file else ""
+        return f"tls: serves {served}; calls out trusting {out}{cert}"
+
     @property
     def mutual(self) -> bool:
         """Clients are asked for a certificate."""

@@ -55,6 +55,7 @@ def _summary(path: str, s: Settings) -> str:
         else:
             where = f"role={m.role} strategy={m.strategy} ({STRATEGIES[m.strategy][1]})"
         lines.append(f"  {alias} ({s.advertised_name(alias)}): {m.type} {where}")
+    lines.append(f"  {s.tls.summary()}; nodes.identity={s.nodes.identity}")
     if not s.auth.client_api_keys:
         lines.append("  warning: no auth.client_api_keys: anyone who can reach the gateway can use it")
     return "\n".join(lines)
