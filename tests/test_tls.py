@@ -259,6 +259,8 @@ def test_client_checks_the_name_given_and_reports_tls_errors(
         assert await call(ours, url, "localhost") == 200
         with pytest.raises(UpstreamUnreachable, match="certificate verify failed: Hostname mismatch"):
             await call(ours, url, "gpu-box-1")
+        with pytest.raises(UpstreamUnreachable, match="bad TLS server name 'xxxxx"):
+            await call(ours, url, "x" * 100)  # a node_id may be longer than a DNS label
         system = Client()  # the system's store does not know our CA
         with pytest.raises(
             UpstreamUnreachable,

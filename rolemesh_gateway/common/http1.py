@@ -610,6 +610,12 @@ class Client:
         allow: Callable[[str], bool] | None,
     ) -> _Conn:
         loop = asyncio.get_running_loop()
+        if context is not None and name is not host:
+            try:  # before connecting: a name no certificate can carry (a label over 63 characters)
+                name.encode("idna")
+            except UnicodeError as exc:
+                bad = f"cannot connect to {target}: bad TLS server name {name!r}: {exc}"
+                raise UpstreamUnreachable(bad) from None
         try:
             async with asyncio.timeout(connect_s):
                 address = host
