@@ -210,12 +210,16 @@ class TlsHandshake(asyncio.Protocol):
     our hands: a refused handshake is logged with the peer and the reason (unknown CA, expired,
     plain HTTP on this port), which the event loop itself only does in debug mode. The
     handshake must end within ``limits.head_timeout_s``, and handshakes in progress count
-    against the connection cap.
+    against the connection cap: at the cap the oldest of them is closed to make room (as a
+    connection that sends no request is), so a flood of silent connections cannot lock out a
+    client.
     """
 
     protocol: type[GuardedProtocol] = _TlsGuardedProtocol
     context: ssl.SSLContext
-    handshaking: set[asyncio.Future[None]] = set()
+    #: Connections in their handshake, oldest first (like those waiting for a request head,
+    #: the first to go when the connection cap is reached).
+    handshaking: collections.OrderedDict[asyncio.Future[None], asyncio.Transport] = collections.OrderedDict()
 
     def __init__(self, **kwargs: Any) -> None:
         self._kwargs = kwargs
@@ -224,7 +228,7 @@ class TlsHandshake(asyncio.Protocol):
         raw = cast(asyncio.Transport, transport)
         inner = self.protocol(**self._kwargs)
         peer = _address(raw.get_extra_info("peername"))
-        if len(inner.connections) + len(self.handshaking) >= inner.cap:
+        if len(inner.connections) + len(self.handshaking) >= inner.cap and not self._make_room(inner):
             log.warning("refusing a TLS connection from %s: %d connections open", peer, inner.cap)
             raw.abort()
             return
@@ -245,16 +249,29 @@ class TlsHandshake(asyncio.Protocol):
         tls.connection_made(seen)  # makes the connection's SSLObject (ours, see _AlertKeeper) now
         seen.sslobj, _AlertKeeper.last = _AlertKeeper.last, None
         handshaking = self.handshaking
-        handshaking.add(waiter)
+        handshaking[waiter] = raw
 
         def done(w: asyncio.Future[None]) -> None:
-            handshaking.discard(w)
+            handshaking.pop(w, None)
             seen.handshaking = False
             exc = None if w.cancelled() else w.exception()
             if exc is not None:
                 _log_refusal(peer, exc)
 
         waiter.add_done_callback(done)
+
+    def _make_room(self, inner: GuardedProtocol) -> bool:
+        """At the cap: close the oldest connection still in its handshake, else the one that has
+        waited longest for a request head; False if every connection is busy with a request."""
+        if self.handshaking:
+            _, raw = self.handshaking.popitem(last=False)
+            raw.abort()
+            return True
+        victim = inner.waiting.oldest()
+        if victim is None:
+            return False
+        victim._close("the connection limit was reached and it had sent no request")
+        return True
 
 
 class _Handshaking:
@@ -400,4 +417,5 @@ def guarded_protocol(limits: Limits, tls: ssl.SSLContext | None = None) -> type[
         return type("GuardedProtocol", (GuardedProtocol,), attrs)
     tls.sslobject_class = _AlertKeeper
     protocol = type("GuardedProtocol", (_TlsGuardedProtocol,), attrs)
-    return type("TlsHandshake", (TlsHandshake,), {"protocol": protocol, "context": tls, "handshaking": set()})
+    attrs = {"protocol": protocol, "context": tls, "handshaking": collections.OrderedDict()}
+    return type("TlsHandshake", (TlsHandshake,), attrs)
