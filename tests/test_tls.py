@@ -106,6 +106,17 @@ def test_bad_tls_settings_are_one_line_config_errors(certs: Path, tmp_path: Path
     assert "tls.ca_file: " in error({"ca_file": str(not_pem)})
     assert "tls.client_key_file needs tls.client_cert_file" in error({"client_key_file": "k"})
     assert "tls.client_certs: got 'maybe'" in error({**tls(certs).model_dump(), "client_certs": "maybe"})
+    enc = tmp_path / "enc.key"
+    subprocess.run(
+        [
+            *("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes256"),
+            *("-pass", "pass:secret", "-out", str(enc)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    encrypted = error({"cert_file": str(certs / "gateway.crt"), "key_file": str(enc)})
+    assert "holds an encrypted key; give the key unencrypted" in encrypted  # and no prompt on a tty
     need_mtls = error(tls(certs).model_dump(exclude_none=True), nodes={"identity": "certificate"})
     assert "nodes.identity: certificate needs tls.cert_file and tls.client_ca_file" in need_mtls
 

@@ -116,6 +116,20 @@ def _load(what: str, path: str, load: Any) -> None:
         raise ValueError(f"tls.{what}: {path!r} is a directory, not a PEM file") from None
     except ssl.SSLError as exc:
         raise ValueError(f"tls.{what}: {path!r} cannot be used: {reason(exc)}") from None
+    except _Encrypted:
+        raise ValueError(
+            f"tls.{what}: {path!r} holds an encrypted key; give the key unencrypted, in a file "
+            "only this program's user can read"
+        ) from None
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_password() -> str:
+    """Never prompt on the terminal for a key's passphrase (a service has none to ask)."""
+    raise _Encrypted
 
 
 def _load_server(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
@@ -124,7 +138,7 @@ def _load_server(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
     _load(
         "cert_file" if key is None else "cert_file/key_file",
         cert if key is None else f"{cert}, {key}",
-        lambda: ctx.load_cert_chain(cert, key),
+        lambda: ctx.load_cert_chain(cert, key, password=_no_password),
     )
     if tls.client_ca_file is not None:
         ca = tls.client_ca_file
@@ -186,7 +200,7 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext | None:
         _load(
             "client_cert_file" if key is None else "client_cert_file/client_key_file",
             cert if key is None else f"{cert}, {key}",
-            lambda: ctx.load_cert_chain(cert, key),
+            lambda: ctx.load_cert_chain(cert, key, password=_no_password),
         )
     return ctx
 
