@@ -32,6 +32,14 @@ gateway_names=()
 nodes=()
 
 die() { echo "make_certs.sh: $*" >&2; exit 2; }
+# run WHAT CMD...: openssl's chatter is hidden, but shown when it fails.
+run() {
+  local what=$1; shift
+  if ! "$@" 2>"$work/openssl.err"; then
+    cat "$work/openssl.err" >&2
+    die "openssl failed to $what"
+  fi
+}
 
 while (($#)); do
   case "$1" in
@@ -59,15 +67,15 @@ san_entry() {
 }
 
 check_name() {
-  [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$ ]] \
-    || die "'$1' is not a valid name (letters, digits, '.', '_', ':', '-'; at most 64)"
+  [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$ ]] \
+    || die "'$1' is not a valid name (letters, digits, '.', '_', ':', '@', '-'; at most 128: a node_id)"
 }
 
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key() { run "make the key $1" openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
 
 if [[ ! -f $out/ca.crt || ! -f $out/ca.key ]]; then
   key "$out/ca.key"
-  openssl req -x509 -new -key "$out/ca.key" -sha256 -days 3650 -subj "/CN=RoleMesh private CA" \
+  run "make the CA" openssl req -x509 -new -key "$out/ca.key" -sha256 -days 3650 -subj "/CN=RoleMesh private CA" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -out "$out/ca.crt"
   echo "made $out/ca.crt (new CA)" >&2
@@ -77,7 +85,7 @@ fi
 sign() {
   local name=$1 cn=$2 san=$3 old=$4
   key "$out/$name.key"
-  openssl req -new -key "$out/$name.key" -subj "/CN=$cn" -out "$work/$name.csr"
+  run "make the request for $name" openssl req -new -key "$out/$name.key" -subj "/CN=$cn" -out "$work/$name.csr"
   cat >"$work/$name.ext" <<EOF
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
@@ -101,13 +109,13 @@ copy_extensions = none
 commonName = supplied
 EOF
     openssl rand -hex 16 >"$work/serial"
-    openssl ca -batch -config "$work/ca.cnf" -cert "$out/ca.crt" -keyfile "$out/ca.key" \
-      -in "$work/$name.csr" -out "$out/$name.crt" -extfile "$work/$name.ext" -notext \
-      -startdate 20200101000000Z -enddate 20200102000000Z 2>/dev/null
+    run "sign $name (expired)" openssl ca -batch -config "$work/ca.cnf" -cert "$out/ca.crt" \
+      -keyfile "$out/ca.key" -in "$work/$name.csr" -out "$out/$name.crt" -extfile "$work/$name.ext" \
+      -notext -startdate 20200101000000Z -enddate 20200102000000Z
   else
-    openssl x509 -req -in "$work/$name.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \
+    run "sign $name" openssl x509 -req -in "$work/$name.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \
       -set_serial "0x$(openssl rand -hex 16)" -days "$days" -sha256 -extfile "$work/$name.ext" \
-      -out "$out/$name.crt" 2>/dev/null
+      -out "$out/$name.crt"
   fi
   chmod 644 "$out/$name.crt"
   echo "made $out/$name.crt ($cn: $san)" >&2
