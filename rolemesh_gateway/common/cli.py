@@ -110,8 +110,8 @@ def serve_options(env_prefix: str, default_port: int | None, default_graceful_s:
 TLS_OPTIONS = {
     "cert_file": "Serve HTTPS with this certificate (PEM) [config: tls.cert_file]",
     "key_file": "The key of --tls-cert-file [config: tls.key_file]",
-    "client_ca_file": "Require clients to present a certificate signed by this CA (mutual TLS) "
-    "[config: tls.client_ca_file]",
+    "client_ca_file": "Ask clients for a certificate signed by this CA (mutual TLS; one is required "
+    "unless tls.client_certs is optional) [config: tls.client_ca_file]",
     "ca_file": "Verify the https servers this program calls against this CA instead of the "
     "system's [config: tls.ca_file]",
     "client_cert_file": "Present this certificate to https servers that ask for one "
@@ -206,6 +206,7 @@ def make_cli(p: Program) -> click.Group:
     @click.pass_context
     def validate_command(ctx: click.Context, file: str | None) -> None:
         parent = ctx.parent.params if ctx.parent is not None else {}
+        export_tls(p.env_prefix, parent)  # --tls-* given before 'validate' are checked too
         sys.exit(p.validate(file or parent.get("config")))
 
     return cli
