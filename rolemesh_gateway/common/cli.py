@@ -121,6 +121,7 @@ TLS_OPTIONS = {
 
 
 def tls_options(env_prefix: str) -> list[Callable[[F], F]]:
+    """``--tls-cert-file`` ... one option per ``tls:`` file key, each with its environment variable."""
     return [
         click.option(
             f"--tls-{key.replace('_', '-')}",
