@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import e2e, report, soak
+from . import e2e, report, soak, tls
 from .procs import Proc
 from .targets import (
     CLIENT_KEY,
@@ -75,6 +75,7 @@ class Results:
     discovery: dict[str, object] = field(default_factory=dict)
     e2e: dict[str, object] = field(default_factory=dict)
     soak: dict[str, Any] = field(default_factory=dict)
+    tls: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -372,6 +373,10 @@ class Bench:
     def soak(self) -> None:
         self.r.soak = soak.SoakRun(self.work, self.python, self.o.soak_s, say, self.o.gateway_src).run()
 
+    # -- case 6 (on request only): TLS between the client and the gateway ------------------------
+    def tls(self) -> None:
+        self.r.tls = tls.run(self.work, self.python, self.o.reps, self.o.duration_s, say, self.o.gateway_src)
+
     def run(self) -> None:
         cases = [
             ("non-streaming", self.nonstream),
@@ -379,6 +384,7 @@ class Bench:
             ("discovery", self.discovery),
             ("end-to-end", self.llama),
             ("soak", self.soak),
+            ("tls", self.tls),
         ]
         for name, case in cases:
             if name not in self.o.cases:
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
         help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end; "
-        "or soak (never run unless named here)",
+        "or soak, tls (never run unless named here)",
     )
     p.add_argument(
         "--soak-s", type=float, default=600.0, help="seconds of load in the soak case (default 600)"
@@ -467,10 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop_all()
     elapsed = time.monotonic() - started
-    text = report.render(bench.r, opts, elapsed) if set(opts.cases) - {"soak"} else ""
+    text = report.render(bench.r, opts, elapsed) if set(opts.cases) - {"soak", "tls"} else ""
     if bench.r.soak:
         command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
         text += ("\n" if text else "") + soak.render(bench.r.soak, opts.soak_s, command)
+    if bench.r.tls:
+        command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
+        text += ("\n" if text else "") + tls.render(bench.r.tls, command)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -41,6 +41,8 @@ class Call:
     #: ``Timeouts`` for :meth:`FakeClient.open`, a float for :meth:`FakeClient.request`.
     timeout: Any
     target: str
+    #: The name the server's certificate must carry (``server_hostname``), when one was asked.
+    server_hostname: str | None = None
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -190,8 +192,9 @@ class FakeClient:
         timeouts: Any,
         target: str,
         allow: Any = None,
+        server_hostname: str | None = None,
     ) -> FakeResponse:
-        call = Call(method, url, list(headers), body, timeouts, target)
+        call = Call(method, url, list(headers), body, timeouts, target, server_hostname)
         self.calls.append(call)
         answer = self._answer(call)
         if callable(answer):

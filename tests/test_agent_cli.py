@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -66,6 +67,14 @@ def test_help_shows_defaults_and_environment_variables(capsys: pytest.CaptureFix
     out = " ".join(capsys.readouterr().out.split())
     for text in ("default: 10", "ROLE_MESH_AGENT_CONFIG", "ROLE_MESH_AGENT_PORT", "ROLE_MESH_LOG_LEVEL"):
         assert text in out
+    for text in (
+        "--tls-cert-file",
+        "ROLE_MESH_AGENT_TLS_CERT_FILE",
+        "--tls-client-ca-file",
+        "--tls-ca-file",
+        "--tls-client-key-file",
+    ):
+        assert text in out
     assert cli.main(["--version"]) == 0
     assert re.fullmatch(r"rolemesh-node-agent \d+\.\d+\.\d+\n", capsys.readouterr().out)
 
@@ -90,3 +99,40 @@ def test_port_zero_means_a_free_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_mutual_tls_protects_a_lan_bind_as_a_node_key_does(tmp_path: Path) -> None:
+    """No node_key, but every caller must show a certificate of our CA: a LAN bind is allowed."""
+    certs = tmp_path / "certs"
+    make = Path(__file__).resolve().parent.parent / "scripts" / "make_certs.sh"
+    subprocess.run([str(make), "-o", str(certs), "n1"], check=True, capture_output=True)
+    cfg = tmp_path / "agent.yaml"
+    base = URL_ROLE + "host: 0.0.0.0\nadvertise_url: https://10.0.0.12:8091\nport: 0\n"
+    cfg.write_text(base)
+    refused = subprocess.run(
+        [sys.executable, "-m", "rolemesh_gateway.agent.cli", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "refusing to listen on 0.0.0.0 without node_key" in refused.stderr
+    tls = f"tls: {{cert_file: {certs}/n1.crt, key_file: {certs}/n1.key, client_ca_file: {certs}/ca.crt}}\n"
+    cfg.write_text(base + tls)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rolemesh_gateway.agent.cli", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 20
+        line = ""
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert "rolemesh-node-agent listening on https://0.0.0.0:" in line
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()

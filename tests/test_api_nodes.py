@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from rolemesh_gateway.common.auth import key_id
@@ -11,7 +14,8 @@ from rolemesh_gateway.common.protocol import NODE_KEY
 from rolemesh_gateway.gateway.app import Gateway, create_app
 from rolemesh_gateway.gateway.registry import MemoryRegistry
 from rolemesh_gateway.gateway.settings import parse_settings
-from tests.fakeclient import FakeClient, Sent, call_app, run
+from tests.conftest import ROOT
+from tests.fakeclient import FakeClient, Sent, call_app, receiver, run, scope
 
 CLIENT_KEY = "client-key-1"
 NODE_KEY_VALUE = "node-key-1"
@@ -272,5 +276,104 @@ def test_node_list_is_for_clients_not_nodes() -> None:
         assert (await call_app(w.app, "GET", "/v1/nodes", headers=AS_NODE)).status == 401
         sent = await call_app(w.app, "GET", "/v1/nodes", headers=AS_CLIENT)
         assert sent.json() == {"object": "list", "data": [], "stale_after_s": 30.0}
+
+    run(go())
+
+
+# -- node identity from the client certificate (nodes.identity) -----------------------------------
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run([str(ROOT / "scripts" / "make_certs.sh"), "-o", str(d)], check=True, capture_output=True)
+    return d
+
+
+def identity_app(ca: Path, identity: str, https_only: bool = False) -> Gateway:
+    settings = parse_settings(
+        {
+            "version": 1,
+            "default_model": "chat",
+            "auth": {"client_api_keys": [CLIENT_KEY], "node_api_keys": [NODE_KEY_VALUE]},
+            "nodes": {"identity": identity, "verify_server_names": https_only},
+            "tls": {
+                "cert_file": str(ca / "gateway.crt"),
+                "key_file": str(ca / "gateway.key"),
+                "client_ca_file": str(ca / "ca.crt"),
+            },
+            "models": {"chat": {"type": "discovered", "role": "chat"}},
+        },
+        env={},
+    )
+    return create_app(
+        settings, MemoryRegistry(stale_after_s=30, evict_after_s=3600, max_nodes=100), FakeClient()
+    )  # type: ignore[arg-type]
+
+
+async def as_cert(
+    app: Gateway, method: str, path: str, names: tuple[str, ...] | None, body: Any = b"", key: bool = False
+) -> Sent:
+    """A request as it comes over mutual TLS: the names of the client's certificate in the scope."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    headers = [*(AS_NODE if key else []), (b"content-length", b"%d" % len(raw))]
+    s = scope(method, path, headers)
+    s["client"] = ("10.0.0.1", 40000)
+    if names is not None:
+        s["extensions"] = {"tls": {"client_cert_names": names}}
+    sent = Sent()
+    await app(s, receiver(raw), sent)
+    return sent
+
+
+def test_certificate_identity_lets_a_node_act_only_as_the_name_it_carries(
+    ca: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        app = identity_app(ca, "certificate")
+        # No key needed, but a certificate that names the node.
+        assert (await as_cert(app, "POST", "/v1/nodes/register", ("gpu-1",), NODE)).status == 201
+        hb = {"node_id": "gpu-1"}
+        assert (await as_cert(app, "POST", "/v1/nodes/heartbeat", ("gpu-1",), hb)).status == 200
+        other = await as_cert(app, "POST", "/v1/nodes/register", ("gpu-2", "gpu2.lan"), NODE)
+        assert other.status == 403
+        assert other.json()["error"]["message"].startswith(
+            "the client certificate names gpu-2, gpu2.lan, not node 'gpu-1' (nodes.identity: certificate)"
+        )
+        assert (await as_cert(app, "POST", "/v1/nodes/heartbeat", ("gpu-2",), hb)).status == 403
+        assert (await as_cert(app, "POST", "/v1/nodes/gpu-1/drain", ("gpu-2",))).status == 403
+        assert (await as_cert(app, "DELETE", "/v1/nodes/gpu-1", ("gpu-2",))).status == 403
+        none = await as_cert(app, "POST", "/v1/nodes/register", None, NODE, key=True)
+        assert none.status == 401 and "none was presented" in none.json()["error"]["message"]
+        assert (await as_cert(app, "POST", "/v1/nodes/gpu-1/drain", ("gpu-1",))).status == 200
+        assert (await as_cert(app, "DELETE", "/v1/nodes/gpu-1", ("gpu-1",))).status == 200
+
+    with caplog.at_level("WARNING", logger="rolemesh.nodes"):
+        run(go())
+    assert (
+        "registration of node 'gpu-1' from 10.0.0.1:40000 refused: the client certificate names gpu-2"
+        in caplog.text
+    )
+
+
+def test_both_needs_the_key_and_the_certificate(ca: Path) -> None:
+    async def go() -> None:
+        app = identity_app(ca, "both")
+        assert (await as_cert(app, "POST", "/v1/nodes/register", ("gpu-1",), NODE)).status == 401  # no key
+        assert (await as_cert(app, "POST", "/v1/nodes/register", None, NODE, key=True)).status == 401
+        assert (await as_cert(app, "POST", "/v1/nodes/register", ("gpu-1",), NODE, key=True)).status == 201
+
+    run(go())
+
+
+def test_verify_server_names_wants_https_nodes(ca: Path) -> None:
+    async def go() -> None:
+        app = identity_app(ca, "key", https_only=True)
+        sent = await as_cert(app, "POST", "/v1/nodes/register", None, NODE, key=True)
+        assert sent.status == 400
+        assert (
+            "is not https: this gateway checks each node's server certificate"
+            in sent.json()["error"]["message"]
+        )
+        https = {**NODE, "base_url": "https://10.0.0.1:8091"}
+        assert (await as_cert(app, "POST", "/v1/nodes/register", None, https, key=True)).status == 201
 
     run(go())

@@ -75,6 +75,14 @@ def test_help_shows_defaults_and_environment_variables(capsys: pytest.CaptureFix
     out = " ".join(capsys.readouterr().out.split())
     for text in ("default: 8080", "default: 127.0.0.1", "default: 30", "ROLE_MESH_CONFIG", "ROLE_MESH_PORT"):
         assert text in out
+    for text in (
+        "--tls-cert-file",
+        "ROLE_MESH_TLS_CERT_FILE",
+        "--tls-client-ca-file",
+        "--tls-ca-file",
+        "--tls-client-key-file",
+    ):
+        assert text in out
     assert cli.main(["--version"]) == 0
     assert re.fullmatch(r"rolemesh-gateway \d+\.\d+\.\d+\n", capsys.readouterr().out)
 

@@ -298,6 +298,22 @@ def test_each_node_gets_the_key_it_registered_with() -> None:
     run(go())
 
 
+def test_verify_server_names_asks_each_nodes_certificate_for_its_node_id() -> None:
+    async def go() -> None:
+        for check, expected in ((True, ["a", "b"]), (False, [None, None])):
+            f = Fleet(make_settings({"strategy": "round_robin"}, verify_server_names=check))
+            await f.add("a")
+            await f.add("b")
+            f.client.on("http://", Reply.json(200, {}))
+            for n in range(2):
+                await send_one(f.chat, n)
+            assert sorted(c.server_hostname or "" for c in f.client.calls) == sorted(
+                e or "" for e in expected
+            )
+
+    run(go())
+
+
 def test_a_node_whose_key_was_removed_gets_no_key() -> None:
     async def go() -> None:
         f = Fleet()

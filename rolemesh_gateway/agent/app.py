@@ -53,6 +53,7 @@ from ..common.errors import (
 from ..common.http1 import Client
 from ..common.relay import pass_through, upstream_headers
 from ..common.tasks import TaskOwner, on_signal
+from ..common.tls import client_context, reload_tls, server_context
 from .config import AgentConfig, load_config
 from .metrics import AgentStats, exposition
 from .ondemand import LoadStats
@@ -72,6 +73,9 @@ class Agent:
         #: The file SIGHUP reloads (None: nothing to reload).
         self.config_path = config_path
         self.client = client or Client(keepalive_s=30.0)
+        self.client.ssl_context = client_context(cfg.tls)
+        #: The context the server listens with (None: plain HTTP); a reload loads new files into it.
+        self.server_ssl = server_context(cfg.tls)
         self.inflight = 0
         self._idle = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +163,13 @@ class Agent:
                 ", ".join(moved),
             )
             return False
+        problem = reload_tls(self.server_ssl, cfg.tls)
+        if problem is not None:
+            log.error(
+                "config reload refused, still running the previous config: %s: %s", self.config_path, problem
+            )
+            return False
+        self.client.ssl_context = client_context(cfg.tls)
         added, removed, changed = self.supervisor.apply(cfg, self._wait_idle)
         self.cfg = cfg
         self.registrar.cfg = cfg

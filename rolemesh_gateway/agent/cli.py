@@ -13,11 +13,21 @@ from collections.abc import Sequence
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, Program, bind, bind_guard, fail, make_cli, run_cli, run_server
+from ..common.cli import (
+    STARTUP_FAILURE,
+    Program,
+    bind,
+    bind_guard,
+    export_tls,
+    fail,
+    make_cli,
+    run_cli,
+    run_server,
+)
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
-from .config import AGENT_CONFIG_ENV, AgentConfig, load_config
+from .config import AGENT_CONFIG_ENV, TLS_ENV_PREFIX, AgentConfig, load_config
 
 PROGRAM = "rolemesh-node-agent"
 #: Shorter than the gateway's: the agent's own shutdown (deregister, stop children) follows.
@@ -37,6 +47,7 @@ def _summary(path: str, cfg: AgentConfig) -> str:
             )
         else:
             lines.append(f"  {role}: proxy_url {rc.proxy_url}")
+    lines.append(f"  {cfg.tls.summary()}")
     if cfg.node_key is None:
         lines.append("  warning: no node_key: anyone who can reach the agent can use its models")
     return "\n".join(lines)
@@ -70,15 +81,19 @@ def serve(
     graceful_timeout: int | None = None,
     access_log: bool | None = None,
     allow_insecure_bind: bool | None = None,
+    **tls_files: str | None,
 ) -> int:
     """Validate, check the bind address is safe, bind, then run the agent until stopped."""
     setup_logging(log_level, log_format)
+    export_tls(TLS_ENV_PREFIX, tls_files)
     path = _require(config)
     try:
         cfg = load_config(path, overrides={"host": host, "port": port})
     except ConfigError as exc:
         fail(PROGRAM, f"config error: {exc}")
-    bind_guard(PROGRAM, cfg.host, cfg.node_key is not None, "node_key", allow_insecure_bind)
+    # Mutual TLS that requires a certificate protects the agent as a node key does.
+    protected = cfg.node_key is not None or (cfg.tls.mutual and cfg.tls.client_certs == "required")
+    bind_guard(PROGRAM, cfg.host, protected, "node_key (or tls.client_ca_file)", allow_insecure_bind)
 
     # Bound before any llama-server starts: a busy port fails fast and clean. With port 0 the
     # port is known only now, and the gateway must be told the real one.
@@ -98,6 +113,7 @@ def serve(
         bool(access_log),
         cfg.limits,
         app.exiting,
+        tls=app.server_ssl,
     )
 
 

@@ -37,11 +37,14 @@ from ..common.config import (
 )
 from ..common.errors import ConfigError
 from ..common.protocol import NodeId, Role
+from ..common.tls import TlsSettings, apply_env
 
 #: Environment variable naming the agent's config file (``--config``).
 AGENT_CONFIG_ENV = "ROLE_MESH_AGENT_CONFIG"
 #: Where to find ``llama-server`` when a role names no ``binary`` (shared with scripts/llama_server.sh).
 LLAMA_SERVER_ENV = "ROLE_MESH_LLAMA_SERVER"
+#: ``ROLE_MESH_AGENT_TLS_CERT_FILE`` ... override the ``tls:`` keys (the ``--tls-*`` options set them).
+TLS_ENV_PREFIX = "ROLE_MESH_AGENT"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8091
 #: Arguments the agent sets itself; a role may not pass them in ``args``.
@@ -135,6 +138,7 @@ class AgentConfig(Closed):
     probes: Probes = Probes(interval_s=5.0, timeout_s=5.0)
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
+    tls: TlsSettings = TlsSettings()
 
     @model_validator(mode="after")
     def _advertise(self) -> AgentConfig:
@@ -160,7 +164,7 @@ class AgentConfig(Closed):
         if self.advertise_url is not None:
             return self.advertise_url
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls.serving else 'http'}://{host}:{self.port}"
 
 
 def resolve_binary(spec: LlamaServerSpec, env: Mapping[str, str]) -> str | None:
@@ -206,6 +210,7 @@ def parse_config(
     env = os.environ if env is None else env
     data = expanded_mapping(data, source, env, " (node_id, gateway_url, roles, ...)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    apply_env(data, env, TLS_ENV_PREFIX)
     cfg = validate(AgentConfig, data, source)
     try:
         return _preflight(cfg, base or Path.cwd(), env)

@@ -9,7 +9,9 @@ same way: the socket is bound first (a busy port fails at once, before any start
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import click
 
 from .config import INSECURE_ENV, Limits, is_loopback
 from .logs import LOG_FORMAT_ENV, LOG_FORMATS, LOG_LEVEL_ENV, LOG_LEVELS
+from .tls import FILE_KEYS, env_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,6 +89,7 @@ def serve_options(env_prefix: str, default_port: int | None, default_graceful_s:
                 show_envvar=True,
                 help="Log a line per request: id, client, alias, node, status, time, tokens (off by default)",
             ),
+            *tls_options(env_prefix),
             click.option(
                 "--allow-insecure-bind",
                 envvar=INSECURE_ENV,
@@ -100,6 +104,45 @@ def serve_options(env_prefix: str, default_port: int | None, default_graceful_s:
         return fn
 
     return apply
+
+
+#: The ``tls:`` keys that have an option: ``--tls-cert-file`` / ``{PREFIX}_TLS_CERT_FILE`` ...
+TLS_OPTIONS = {
+    "cert_file": "Serve HTTPS with this certificate (PEM) [config: tls.cert_file]",
+    "key_file": "The key of --tls-cert-file [config: tls.key_file]",
+    "client_ca_file": "Ask clients for a certificate signed by this CA (mutual TLS; one is required "
+    "unless tls.client_certs is optional) [config: tls.client_ca_file]",
+    "ca_file": "Verify the https servers this program calls against this CA instead of the "
+    "system's [config: tls.ca_file]",
+    "client_cert_file": "Present this certificate to https servers that ask for one "
+    "[config: tls.client_cert_file]",
+    "client_key_file": "The key of --tls-client-cert-file [config: tls.client_key_file]",
+}
+
+
+def tls_options(env_prefix: str) -> list[Callable[[F], F]]:
+    """``--tls-cert-file`` ... one option per ``tls:`` file key, each with its environment variable."""
+    return [
+        click.option(
+            f"--tls-{key.replace('_', '-')}",
+            f"tls_{key}",
+            envvar=env_name(env_prefix, key),
+            type=click.Path(dir_okay=False),
+            default=None,
+            show_envvar=True,
+            help=text,
+        )
+        for key, text in TLS_OPTIONS.items()
+    ]
+
+
+def export_tls(env_prefix: str, given: dict[str, Any]) -> None:
+    """Put the ``--tls-*`` options given into the environment, where the config loader reads
+    them over the file's ``tls:`` keys: at start and again on every reload."""
+    for key in FILE_KEYS:
+        value = given.get(f"tls_{key}")
+        if value:
+            os.environ[env_name(env_prefix, key)] = value
 
 
 def merged(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +207,7 @@ def make_cli(p: Program) -> click.Group:
     @click.pass_context
     def validate_command(ctx: click.Context, file: str | None) -> None:
         parent = ctx.parent.params if ctx.parent is not None else {}
+        export_tls(p.env_prefix, parent)  # --tls-* given before 'validate' are checked too
         sys.exit(p.validate(file or parent.get("config")))
 
     return cli
@@ -214,11 +258,13 @@ def run_server(
     access_log: bool,
     limits: Limits,
     on_exit_signal: Callable[[], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Run ``app`` under uvicorn (uvloop + httptools, with our client limits) until stopped.
 
     ``on_exit_signal`` is called as soon as SIGTERM or SIGINT arrives, before uvicorn starts
-    waiting for requests in flight (the lifespan shutdown comes only after that wait).
+    waiting for requests in flight (the lifespan shutdown comes only after that wait). With
+    ``tls`` the server speaks HTTPS only (:class:`~rolemesh_gateway.common.server.TlsHandshake`).
     """
     import uvicorn
 
@@ -237,7 +283,7 @@ def run_server(
         host=host,
         port=port,
         loop="auto",
-        http=guarded_protocol(limits),
+        http=guarded_protocol(limits, tls),
         timeout_keep_alive=int(limits.keepalive_s) or 1,
         log_level=level,
         access_log=False,  # ours (rolemesh.access) says more: see the app's access_log
@@ -247,7 +293,8 @@ def run_server(
         timeout_graceful_shutdown=graceful_s,
     )
     server = Server(config)
-    log.info("%s listening on http://%s:%d", program, f"[{host}]" if ":" in host else host, port)
+    scheme = "https" if tls is not None else "http"
+    log.info("%s listening on %s://%s:%d", program, scheme, f"[{host}]" if ":" in host else host, port)
     server.run(sockets=[sock])
     return 0 if server.started else 1
 

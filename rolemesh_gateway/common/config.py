@@ -240,7 +240,7 @@ def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
         members = _walk(root, loc)[0]
         tags = [t for m in (members if isinstance(members, tuple) else ()) for t in _tags(m, tag)]
         return f"{path}.{tag}: got {got!r}; allowed: {', '.join(tags)}"
-    if not path:  # a check across keys: its message names them
+    if not path or msg.startswith(f"{path}."):  # a check across keys: its message names them
         return msg
     msg = msg[:1].lower() + msg[1:]  # it follows "path: " now
     if kind == "extra_forbidden":

@@ -20,7 +20,9 @@ What it does, and nothing more:
 - bodies with a length, chunked bodies and bodies that end with the connection; streamed bodies
   are handed over as they arrive, and reading from the upstream pauses while more than
   ``_HIGH_WATER`` bytes wait for a slow consumer;
-- https with the system's trust store.
+- https with the system's trust store, or with the context given (a private CA, a client
+  certificate: :mod:`~rolemesh_gateway.common.tls`), made once, not per request; the name
+  checked in the server's certificate is the URL's host, or ``server_hostname`` when given.
 
 Every failure is raised as a :mod:`~rolemesh_gateway.common.errors` exception whose message names
 ``target`` as the caller gave it ("upstream planner (http://...)", "gateway http://..."); this is the
@@ -295,7 +297,9 @@ class Response:
             self.on_complete()
             self._wake()
             return
-        if not self.got_bytes:
+        if isinstance(exc, ssl.SSLError):  # e.g. the server refused our certificate (TLS 1.3: after connect)
+            self._fail(UpstreamUnreachable(f"{self.target} refused the TLS connection: {tls_reason(exc)}"))
+        elif not self.got_bytes:
             self._fail(_Stale())
         elif self.head_done:
             self._fail(UpstreamFailed(f"{self.target} closed the connection mid-answer"))
@@ -485,9 +489,12 @@ class _Pool:
 class Client:
     """Pooled HTTP/1.1 client. One per process; :meth:`close` at shutdown."""
 
-    def __init__(self, keepalive_s: float = 30.0) -> None:
+    def __init__(self, keepalive_s: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._keepalive_s = keepalive_s
+        #: For https: None is the system's trust store. Assign a new one to change it (a reload):
+        #: new connections use it, pooled ones keep theirs.
+        self.ssl_context = ssl_context
 
     async def open(
         self,
@@ -498,11 +505,14 @@ class Client:
         timeouts: Timeouts,
         target: str,
         allow: Callable[[str], bool] | None = None,
+        server_hostname: str | None = None,
     ) -> Response:
         """Send a request; return once the response head arrived.
 
         ``allow``, when given, is asked about every address the host resolves to; only an
         allowed one is connected to (a node's URL may name a host that resolves anywhere).
+        ``server_hostname``, for https, is the name the server's certificate must carry
+        instead of the URL's host (connections checked for it are pooled apart).
         """
         key, path = split_url(url)
         try:
@@ -510,6 +520,8 @@ class Client:
             request = _request_bytes(method, path, host_header, headers, body)
         except (ValueError, UnicodeError) as exc:  # a URL or header that cannot go on the wire
             raise UpstreamUnreachable(f"bad upstream URL or header for {target}: {exc}") from None
+        if server_hostname is not None and tls:
+            key = (key[0], f"{key[1]} {server_hostname}")  # no space in a host: a pool of its own
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(self._keepalive_s)
@@ -520,11 +532,16 @@ class Client:
                 return await self._exchange(conn, request, timeouts, target, pool, head_only)
             except _Stale:
                 pass  # the server had closed it; once more on a fresh connection
-        conn = await self._connect(host, port, tls, timeouts.connect_s, target, allow)
+        context = (self.ssl_context or _ssl_context()) if tls else None
+        conn = await self._connect(
+            host, port, context, server_hostname or host, timeouts.connect_s, target, allow
+        )
         try:
             return await self._exchange(conn, request, timeouts, target, pool, head_only)
         except _Stale:
-            raise UpstreamFailed(f"{target} closed the connection without answering") from None
+            # A TLS server closes a plain-HTTP connection without a word: say what it may be.
+            hint = "" if tls else " (if it serves HTTPS, use an https:// URL)"
+            raise UpstreamFailed(f"{target} closed the connection without answering{hint}") from None
 
     async def request(
         self,
@@ -584,9 +601,21 @@ class Client:
 
     @staticmethod
     async def _connect(
-        host: str, port: int, tls: bool, connect_s: float, target: str, allow: Callable[[str], bool] | None
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None,
+        name: str,
+        connect_s: float,
+        target: str,
+        allow: Callable[[str], bool] | None,
     ) -> _Conn:
         loop = asyncio.get_running_loop()
+        if context is not None and name is not host:
+            try:  # before connecting: a name no certificate can carry (a label over 63 characters)
+                name.encode("idna")
+            except UnicodeError as exc:
+                bad = f"cannot connect to {target}: bad TLS server name {name!r}: {exc}"
+                raise UpstreamUnreachable(bad) from None
         try:
             async with asyncio.timeout(connect_s):
                 address = host
@@ -601,15 +630,36 @@ class Client:
                     lambda: _Conn(loop),
                     address,
                     port,
-                    ssl=_ssl_context() if tls else None,
-                    server_hostname=host if tls else None,
+                    ssl=context,
+                    server_hostname=name if context is not None else None,
                 )
         except TimeoutError:
             raise UpstreamUnreachable(f"timed out connecting to {target}") from None
+        except ssl.SSLError as exc:
+            raise UpstreamUnreachable(f"cannot connect to {target}: {tls_reason(exc)}") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or exc.__class__.__name__
             raise UpstreamUnreachable(f"cannot connect to {target}: {reason}") from None
         return conn
+
+
+def tls_reason(exc: BaseException) -> str:
+    """An SSL error in words: the verification message when there is one, else OpenSSL's reason.
+
+    ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer
+    certificate (_ssl.c:1006)`` becomes ``certificate verify failed: unable to get local issuer
+    certificate``; an alert from the other side (``tlsv1 alert unknown ca``) stays as OpenSSL
+    names it.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        text = str(getattr(exc, "reason", None) or "").lower().replace("_", " ")
+        if text == "http request":
+            return "the client spoke plain HTTP to the HTTPS port"
+        if text:
+            return text
+    return str(exc) or exc.__class__.__name__
 
 
 @functools.lru_cache(maxsize=16)

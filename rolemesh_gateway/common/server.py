@@ -27,13 +27,16 @@ import asyncio
 import collections
 import logging
 import resource
-from typing import Any
+import ssl
+from typing import Any, cast
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Limits
+from .http1 import tls_reason as reason
 from .relay import CLIENT_ABORT
+from .tls import tls_extension
 
 log = logging.getLogger("rolemesh.server")
 
@@ -185,10 +188,234 @@ class GuardedProtocol(HttpToolsProtocol):
             self.waiting.add(self)  # idle, waiting for the next request: first to go when full
 
 
-def guarded_protocol(limits: Limits) -> type[GuardedProtocol]:
-    """The protocol class for uvicorn's ``http=``, bound to ``limits`` (one per server)."""
-    return type(
-        "GuardedProtocol",
-        (GuardedProtocol,),
-        {"limits": limits, "cap": connection_cap(limits), "waiting": _Waiting()},
+class _TlsGuardedProtocol(GuardedProtocol):
+    """The same protocol on a TLS connection: each request's scope carries the ASGI ``tls``
+    extension (the client's certificate, if any), made once per connection."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._tls = {"tls": tls_extension(transport.get_extra_info("ssl_object"))}
+        super().connection_made(transport)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = self._tls  # type: ignore[typeddict-item]
+
+
+class TlsHandshake(asyncio.Protocol):
+    """What uvicorn gets as its protocol when serving HTTPS: the TLS handshake, then the HTTP.
+
+    The server listens without TLS; each accepted connection gets the event loop's own TLS
+    protocol (uvloop's, or asyncio's) put in front of the HTTP protocol here, before a byte is
+    read, exactly as ``create_server(ssl=...)`` would do it, but with the handshake's outcome in
+    our hands: a refused handshake is logged with the peer and the reason (unknown CA, expired,
+    plain HTTP on this port), which the event loop itself only does in debug mode. The
+    handshake must end within ``limits.head_timeout_s``, and handshakes in progress count
+    against the connection cap: at the cap the oldest of them is closed to make room (as a
+    connection that sends no request is), so a flood of silent connections cannot lock out a
+    client.
+    """
+
+    protocol: type[GuardedProtocol] = _TlsGuardedProtocol
+    context: ssl.SSLContext
+    #: Connections in their handshake, oldest first (like those waiting for a request head,
+    #: the first to go when the connection cap is reached).
+    handshaking: collections.OrderedDict[asyncio.Future[None], asyncio.Transport] = collections.OrderedDict()
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw = cast(asyncio.Transport, transport)
+        inner = self.protocol(**self._kwargs)
+        peer = _address(raw.get_extra_info("peername"))
+        if len(inner.connections) + len(self.handshaking) >= inner.cap and not self._make_room(inner):
+            log.warning("refusing a TLS connection from %s: %d connections open", peer, inner.cap)
+            raw.abort()
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = _ssl_protocol(loop)(
+            loop,
+            inner,
+            self.context,
+            waiter,
+            server_side=True,
+            call_connection_made=True,  # the HTTP protocol starts once the handshake is done
+            ssl_handshake_timeout=inner.limits.head_timeout_s,
+        )
+        # Reading starts after this method returns: every byte goes to the TLS protocol.
+        raw.set_protocol(tls)
+        seen = _Handshaking(raw)
+        tls.connection_made(seen)  # makes the connection's SSLObject (ours, see _AlertKeeper) now
+        seen.sslobj, _AlertKeeper.last = _AlertKeeper.last, None
+        handshaking = self.handshaking
+        handshaking[waiter] = raw
+
+        def done(w: asyncio.Future[None]) -> None:
+            handshaking.pop(w, None)
+            seen.handshaking = False
+            exc = None if w.cancelled() else w.exception()
+            if exc is not None:
+                _log_refusal(peer, exc)
+
+        waiter.add_done_callback(done)
+
+    def _make_room(self, inner: GuardedProtocol) -> bool:
+        """At the cap: close the oldest connection still in its handshake, else the one that has
+        waited longest for a request head; False if every connection is busy with a request."""
+        if self.handshaking:
+            _, raw = self.handshaking.popitem(last=False)
+            raw.abort()
+            return True
+        victim = inner.waiting.oldest()
+        if victim is None:
+            return False
+        victim._close("the connection limit was reached and it had sent no request")
+        return True
+
+
+class _Handshaking:
+    """The accepted connection as the TLS protocol sees it, with one change while it handshakes.
+
+    When the handshake is refused, the TLS protocol aborts the connection. With bytes from the
+    client still unread (the rest of its flight) the kernel then sends a reset, which can
+    destroy the TLS alert before the client reads it: the client would see "connection reset"
+    instead of "unknown ca". So a refused handshake ends gracefully here: the alert goes out,
+    our side shuts, and what the client still sends is dropped until it closes (1 s at most).
+    The methods the TLS protocol calls are the transport's own (no extra call per write).
+    """
+
+    __slots__ = (
+        "_raw",
+        "close",
+        "get_extra_info",
+        "handshaking",
+        "pause_reading",
+        "resume_reading",
+        "sslobj",
+        "write",
     )
+
+    def __init__(self, raw: asyncio.Transport) -> None:
+        self._raw = raw
+        self.handshaking = True
+        self.sslobj: _AlertKeeper | None = None
+        self.write = raw.write
+        self.close = raw.close
+        self.get_extra_info = raw.get_extra_info
+        self.pause_reading = raw.pause_reading
+        self.resume_reading = raw.resume_reading
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        raw = self._raw
+        if not self.handshaking or raw.is_closing():
+            raw._force_close(exc)  # type: ignore[attr-defined]  # what the TLS protocol calls
+            return
+        self.handshaking = False
+        alert = self.sslobj.alert if self.sslobj is not None else b""
+        # Not now: the TLS protocol may be in the middle of the transport's read callback.
+        asyncio.get_running_loop().call_soon(self._shut, raw, alert)
+
+    @staticmethod
+    def _shut(raw: asyncio.Transport, alert: bytes) -> None:
+        if raw.is_closing():
+            return
+        raw.set_protocol(_Drain(raw, raw.get_protocol()))
+        try:
+            if alert:
+                raw.write(alert)
+            raw.write_eof()
+        except (OSError, RuntimeError):
+            raw.abort()
+
+
+class _AlertKeeper(ssl.SSLObject):
+    """The server context's SSLObject: when the handshake fails, it keeps the alert that OpenSSL
+    wrote for the client (the event loop's TLS protocol drops it unsent), so that
+    :class:`_Handshaking` can send it: the client then learns why ("unknown ca")."""
+
+    #: The one made last; taken right away by :class:`TlsHandshake` (it is made synchronously).
+    last: _AlertKeeper | None = None
+    _out: ssl.MemoryBIO
+    alert: bytes
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any) -> Any:
+        obj = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        obj._out = outgoing
+        obj.alert = b""
+        _AlertKeeper.last = obj
+        return obj
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            self.alert = self._out.read()
+            raise
+
+
+class _Drain(asyncio.Protocol):
+    """Read and drop what a refused client still sends, until it closes (1 s at most); then
+    tell the TLS protocol the connection is gone, as it would have been told without us."""
+
+    def __init__(self, raw: asyncio.Transport, tls: asyncio.BaseProtocol) -> None:
+        self._tls = tls
+        self._timer = asyncio.get_running_loop().call_later(1.0, raw.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._tls.connection_lost(exc)
+
+
+def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS protocol class of ``loop`` (uvloop's is compiled; asyncio's for other loops)."""
+    try:
+        import uvloop.loop
+
+        if isinstance(loop, uvloop.loop.Loop):
+            return uvloop.loop.SSLProtocol
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        pass
+    import asyncio.sslproto
+
+    return asyncio.sslproto.SSLProtocol
+
+
+def _address(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def _log_refusal(peer: str, exc: BaseException) -> None:
+    if isinstance(exc, TimeoutError | ConnectionAbortedError) and "handshake" in str(exc).lower():
+        log.info("TLS handshake with %s: no handshake in time (limits.head_timeout_s)", peer)
+    elif isinstance(exc, ssl.SSLError):
+        log.warning("TLS handshake with %s refused: %s", peer, reason(exc))
+    else:  # the client went away mid-handshake: its business
+        log.debug("TLS handshake with %s ended: %s", peer, exc)
+
+
+def guarded_protocol(limits: Limits, tls: ssl.SSLContext | None = None) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn's ``http=``, bound to ``limits`` (one per server); with
+    ``tls``, connections are HTTPS (see :class:`TlsHandshake`)."""
+    attrs = {"limits": limits, "cap": connection_cap(limits), "waiting": _Waiting()}
+    if tls is None:
+        return type("GuardedProtocol", (GuardedProtocol,), attrs)
+    tls.sslobject_class = _AlertKeeper
+    protocol = type("GuardedProtocol", (_TlsGuardedProtocol,), attrs)
+    attrs = {"protocol": protocol, "context": tls, "handshaking": collections.OrderedDict()}
+    return type("TlsHandshake", (TlsHandshake,), attrs)

@@ -2,6 +2,11 @@
 
 Bodies are the wire models of :mod:`rolemesh_gateway.common.protocol`, read with a small size
 limit and validated strictly; a body that does not fit is one 400 that says which field.
+
+Who may act for a node (``nodes.identity``): the holder of a node key (``key``), the holder of
+a client certificate that names the node (``certificate``: a DNS subjectAltName or the subject
+CN equal to its node_id, checked by the gateway's mutual TLS), or both. A refusal for the
+certificate is logged with the names it carries.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..common.asgi import Receive, Scope, Send, read_json_object, send_json
-from ..common.errors import NodeNotFound, NotFound, wire_error
+from ..common.errors import BadRequest, Forbidden, NodeNotFound, NotFound, Unauthorized, wire_error
 from ..common.protocol import HeartbeatRequest, RegisterRequest, RegisterResponse
 from .guard import Guard
 from .node_policy import NodePolicy
@@ -34,14 +39,61 @@ class NodesAPI:
         self._guard = guard
         self._policy = policy
         self._stale_after_s = settings.nodes.stale_after_s
+        self._identity = settings.nodes.identity
+        self._https_only = settings.nodes.verify_server_names
 
+    # -- who is calling -------------------------------------------------------------------------
+    def _caller(self, scope: Scope, action: str) -> str | None:
+        """Check what ``nodes.identity`` asks for before the body is read: the node key (its id is
+        returned; None in open or certificate mode), and that a client certificate came."""
+        key_id = self._guard.node(scope["headers"]) if self._identity != "certificate" else None
+        if self._identity != "key" and not _cert_names(scope):
+            self._refuse(
+                scope,
+                action,
+                Unauthorized(
+                    f"{action} needs a client certificate that names the node (nodes.identity: "
+                    f"{self._identity}); none was presented: connect over https with tls.client_cert_file"
+                ),
+            )
+        return key_id
+
+    def _check_name(self, scope: Scope, node_id: str, action: str) -> None:
+        """With certificate identity, the certificate must name ``node_id``."""
+        if self._identity == "key":
+            return
+        names = _cert_names(scope)
+        if node_id not in names:
+            self._refuse(
+                scope,
+                action,
+                Forbidden(
+                    f"the client certificate names {', '.join(names)}, not node '{node_id}' "
+                    f"(nodes.identity: {self._identity}); use the certificate made for {node_id}"
+                ),
+            )
+
+    @staticmethod
+    def _refuse(scope: Scope, action: str, exc: Unauthorized | Forbidden) -> None:
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "?"
+        log.warning("%s from %s refused: %s", action, peer, exc.message)
+        raise exc
+
+    # -- endpoints ------------------------------------------------------------------------------
     async def register(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key_id = self._guard.node(scope["headers"])
+        key_id = self._caller(scope, "registration")
         _, data = await read_json_object(receive, scope["headers"], MAX_WIRE_BODY)
         try:
             req = RegisterRequest.model_validate(data)
         except ValidationError as exc:
             raise wire_error(exc, "registration") from None
+        self._check_name(scope, req.node_id, f"registration of node '{req.node_id}'")
+        if self._https_only and not req.base_url.startswith("https://"):
+            raise BadRequest(
+                f"base_url {req.base_url!r} is not https: this gateway checks each node's server "
+                "certificate (nodes.verify_server_names); serve the agent with tls.cert_file"
+            )
         await self._policy.check_registration(req.base_url, scope.get("server"))
         node, new = await self._registry.register(req, key_id)
         log.info(
@@ -58,20 +110,22 @@ class NodesAPI:
         await send_json(send, 201 if new else 200, resp.model_dump())
 
     async def heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key_id = self._guard.node(scope["headers"])
+        key_id = self._caller(scope, "heartbeat")
         _, data = await read_json_object(receive, scope["headers"], MAX_WIRE_BODY)
         try:
             req = HeartbeatRequest.model_validate(data)
         except ValidationError as exc:
             raise wire_error(exc, "heartbeat") from None
+        self._check_name(scope, req.node_id, f"heartbeat of node '{req.node_id}'")
         node = await self._registry.heartbeat(req, key_id)
         if node is None:
             raise NodeNotFound(f"node '{req.node_id}' is not registered; register it again")
         await send_json(send, 200, {"node_id": node.node_id, "status": "ok"})
 
     async def deregister(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key_id = self._guard.node(scope["headers"])
+        key_id = self._caller(scope, "deregistration")
         node_id = scope["path"][len(NODES_PREFIX) :]
+        self._check_name(scope, node_id, f"deregistration of node '{node_id}'")
         if "/" in node_id or not await self._registry.deregister(node_id, key_id):
             raise NodeNotFound(f"node '{node_id}' is not registered")
         log.info("node %s deregistered", node_id)
@@ -89,7 +143,8 @@ class NodesAPI:
         headers = scope["headers"]
         node = self._registry.get(node_id)
         if not self._guard.is_admin(headers):
-            key_id = self._guard.node(headers)  # else 401
+            key_id = self._caller(scope, action)  # else 401
+            self._check_name(scope, node_id, f"{action} of node '{node_id}'")
             if node is not None:
                 self._registry.check_owner(node_id, node.key_id, key_id)
         node = await self._registry.set_draining(node_id, action == "drain")
@@ -129,3 +184,9 @@ class NodesAPI:
                 }
             )
         await send_json(send, 200, {"object": "list", "data": nodes, "stale_after_s": registry.stale_after_s})
+
+
+def _cert_names(scope: Scope) -> tuple[str, ...]:
+    """The names in the caller's verified client certificate (none over plain HTTP)."""
+    tls = scope.get("extensions", {}).get("tls")
+    return tuple(tls.get("client_cert_names", ())) if tls else ()

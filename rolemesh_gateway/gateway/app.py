@@ -19,6 +19,7 @@ from ..common.errors import ConfigError, RoleMeshError
 from ..common.http1 import Client
 from ..common.logs import RequestLog, current_request
 from ..common.tasks import TaskOwner, on_signal
+from ..common.tls import client_context, reload_tls, server_context
 from ..common.version import __version__
 from .api_nodes import NODES_PREFIX, NodesAPI
 from .api_status import MODELS_PREFIX, StatusAPI
@@ -60,6 +61,8 @@ class Gateway:
         self._access_log = access_log
         self.health: HealthMonitor | None = None
         self.dashboard = Dashboard(self)  # once: its history and recent errors outlive a reload
+        #: The context the server listens with (None: plain HTTP); a reload loads new files into it.
+        self.server_ssl = server_context(settings.tls)
         self._apply(settings)
 
     def _apply(self, settings: Settings) -> None:
@@ -69,6 +72,7 @@ class Gateway:
         and finish undisturbed; the registry, the connection pool and the counters stay.
         """
         guard = Guard(settings.auth)
+        self.client.ssl_context = client_context(settings.tls)
         health = HealthMonitor(settings, self.client, previous=self.health)
         policy = NodePolicy(settings.nodes.allowed_networks)
         routes = build_routes(
@@ -125,6 +129,12 @@ class Gateway:
                 "config reload refused, still serving the previous config: %s: registry: "
                 "changing the node registry needs a restart",
                 self.config_path,
+            )
+            return False
+        problem = reload_tls(self.server_ssl, settings.tls)
+        if problem is not None:
+            log.error(
+                "config reload refused, still serving the previous config: %s: %s", self.config_path, problem
             )
             return False
         before = set(self.routes)

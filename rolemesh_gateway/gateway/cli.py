@@ -12,11 +12,21 @@ from collections.abc import Sequence
 
 import click
 
-from ..common.cli import STARTUP_FAILURE, Program, bind, bind_guard, fail, make_cli, run_cli, run_server
+from ..common.cli import (
+    STARTUP_FAILURE,
+    Program,
+    bind,
+    bind_guard,
+    export_tls,
+    fail,
+    make_cli,
+    run_cli,
+    run_server,
+)
 from ..common.errors import ConfigError
 from ..common.logs import setup_logging
 from ..common.version import __version__
-from .settings import CONFIG_ENV, Settings, load_settings
+from .settings import CONFIG_ENV, TLS_ENV_PREFIX, Settings, load_settings
 from .strategies import STRATEGIES
 
 PROGRAM = "rolemesh-gateway"
@@ -47,6 +57,7 @@ def _summary(path: str, s: Settings) -> str:
         chain = s.fallback_chain(alias)
         then = f"; fallbacks: {' -> '.join(chain)}" if chain else ""
         lines.append(f"  {alias} ({s.advertised_name(alias)}): {m.type} {where}{then}")
+    lines.append(f"  {s.tls.summary()}; nodes.identity={s.nodes.identity}")
     if not s.auth.client_api_keys:
         lines.append("  warning: no auth.client_api_keys: anyone who can reach the gateway can use it")
     return "\n".join(lines)
@@ -61,9 +72,11 @@ def serve(
     graceful_timeout: int | None = None,
     access_log: bool | None = None,
     allow_insecure_bind: bool | None = None,
+    **tls_files: str | None,
 ) -> int:
     """Validate, check the bind address is safe, bind, then run the gateway until stopped."""
     setup_logging(log_level, log_format)
+    export_tls(TLS_ENV_PREFIX, tls_files)
     try:
         settings = load_settings(config)
     except ConfigError as exc:
@@ -77,14 +90,16 @@ def serve(
 
     from .app import create_app
 
+    app = create_app(settings, access_log=bool(access_log), config_path=config or os.environ.get(CONFIG_ENV))
     return run_server(
         PROGRAM,
-        create_app(settings, access_log=bool(access_log), config_path=config or os.environ.get(CONFIG_ENV)),
+        app,
         sock,
         log_level,
         DEFAULT_GRACEFUL_S if graceful_timeout is None else graceful_timeout,
         bool(access_log),
         settings.limits,
+        tls=app.server_ssl,
     )
 
 

@@ -312,6 +312,8 @@ class DiscoveredRoute(Route):
     """A ``type: discovered`` alias: the fresh nodes that registered its role."""
 
     kind = "discovered"
+    #: ``nodes.verify_server_names``: a node's https certificate must name its node_id.
+    server_names = False
 
     def __init__(
         self,
@@ -422,6 +424,7 @@ class DiscoveredRoute(Route):
                     self.timeouts,
                     target,
                     self._allow,
+                    node.node_id if self.server_names else None,
                 )
             except RoleMeshError as exc:
                 attempts[(self.alias, node.node_id, attempt_outcome(exc))] += 1
@@ -577,8 +580,9 @@ def build_routes(
             queue = None
             if m.strategy == "least_busy":
                 queue = queues.setdefault(m.role, WaitQueue(m.queue or settings.queue))
-            routes[alias] = DiscoveredRoute(
+            routes[alias] = route = DiscoveredRoute(
                 alias, m, timeouts, write_s, queue, client, registry, node_keys, passive, allow
             )
-            routes[alias].stats = stats
+            route.stats = stats
+            route.server_names = settings.nodes.verify_server_names
     return routes

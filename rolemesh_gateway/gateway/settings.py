@@ -32,10 +32,13 @@ from ..common.config import (
     validate,
 )
 from ..common.errors import ConfigError
+from ..common.tls import TlsSettings, apply_env
 from .strategies import STRATEGIES
 
 #: Environment variable naming the config file (the guide's contract).
 CONFIG_ENV = "ROLE_MESH_CONFIG"
+#: ``ROLE_MESH_TLS_CERT_FILE`` ... override the ``tls:`` keys (the ``--tls-*`` options set them).
+TLS_ENV_PREFIX = "ROLE_MESH"
 #: Environment variable overriding ``nodes.stale_after_s`` (the guide's contract).
 STALE_ENV = "ROLE_MESH_NODE_STALE_AFTER_S"
 #: At most this many aliases are tried after the one a client asked for (``fallbacks``).
@@ -138,6 +141,11 @@ class NodeSettings(Closed):
     #: Where a node's ``base_url`` may point (CIDRs), checked at registration and again at connect
     #: time. Unset: anywhere but link-local, unspecified and multicast addresses.
     allowed_networks: tuple[Annotated[str, AfterValidator(check_network)], ...] | None = None
+    #: What proves a node's identity at registration, heartbeat and deregistration: its node
+    #: key, its client certificate (which must name its node_id: needs tls.client_ca_file), or both.
+    identity: Literal["key", "certificate", "both"] = "key"
+    #: Connect to a node only if its https certificate names its node_id (not its URL's host).
+    verify_server_names: bool = False
 
 
 class RegistrySettings(Closed):
@@ -177,9 +185,15 @@ class Settings(Closed):
     registry: RegistrySettings = RegistrySettings()
     queue: QueueSettings = QueueSettings()
     cors: CorsSettings = CorsSettings()
+    tls: TlsSettings = TlsSettings()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if self.nodes.identity != "key" and not self.tls.mutual:
+            raise ValueError(
+                f"nodes.identity: {self.nodes.identity} needs tls.cert_file and tls.client_ca_file "
+                "(nodes prove who they are with a client certificate, which only mutual TLS asks for)"
+            )
         names: dict[str, str] = {}
         for alias, model in self.models.items():
             for name in {alias, model.openai_model_name or alias}:
@@ -246,6 +260,7 @@ def parse_settings(data: Any, *, source: str = "config", env: Mapping[str, str] 
     """Validate an already-parsed YAML tree; apply env expansion and env overrides."""
     env = os.environ if env is None else env
     data = expanded_mapping(data, source, env, " with version: 1 at the top")
+    apply_env(data, env, TLS_ENV_PREFIX)
     stale = env.get(STALE_ENV)
     if stale is not None and stale != "":
         try:
