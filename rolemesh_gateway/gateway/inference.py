@@ -27,6 +27,7 @@ from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshErr
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from .guard import Guard
+from .limits import MODELS, ClientLimits, ClientPolicy, Ticket, client_policies
 from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
@@ -48,6 +49,7 @@ class Inference:
         stats: Stats,
         access_log: bool = False,
         on_error: Callable[[str, str, str | None, int, str], None] | None = None,
+        limits: ClientLimits | None = None,
     ) -> None:
         self._routes = routes
         self._guard = guard
@@ -62,6 +64,10 @@ class Inference:
         self._names = {
             name: alias for alias in settings.models for name in (alias, settings.advertised_name(alias))
         }
+        #: The named client keys with limits or model access, by key id; the others have none.
+        self.policies = client_policies(settings)
+        #: Counts the requests of limited keys (kept by the gateway across reloads).
+        self.limits = limits or ClientLimits(stats)
         # Request ids: a random per-process prefix and a counter (unique, far cheaper than uuid4).
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = itertools.count(1)
@@ -87,6 +93,28 @@ class Inference:
                 f"model '{model}' does not exist; configured: {', '.join(self._routes)}", param="model"
             )
         return self._routes[alias]
+
+    def for_client(self, model: object, policy: ClientPolicy) -> Route:
+        """:meth:`route_for` for a key with its own ``models``: the others answer as if absent."""
+        if policy.models is None:
+            return self.route_for(model)
+        if model is None:
+            return self._routes[policy.default]
+        alias = self._names.get(model) if type(model) is str else None
+        if alias is None or alias not in policy.models:
+            if alias is not None:
+                self.stats.client_rejected[(policy.name, MODELS)] += 1
+            if type(model) is not str:
+                raise BadRequest("'model' must be a string", param="model")
+            raise ModelNotFound(
+                f"model '{model}' does not exist; configured: {', '.join(policy.listed)}", param="model"
+            )
+        return self._routes[alias]
+
+    def may_use(self, kid: str | None, alias: str) -> bool:
+        """May the client key with this id see and use this alias?"""
+        policy = self.policies.get(kid)
+        return policy is None or policy.models is None or alias in policy.models
 
     def outbound(
         self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool, rid: bytes
@@ -207,14 +235,16 @@ class EndpointHandler:
         stats = inference.stats
         req = current_request.get()
         try:
-            client = inference._guard.clients.name(inference._guard.client(headers))
+            kid = inference._guard.client(headers)
+            client = inference._guard.clients.name(kid)
+            policy = inference.policies.get(kid)
             if req is not None:
                 req.client = client
             query: bytes = scope.get("query_string", b"")
             if endpoint.model_in == "body":
                 body, data = await read_json_object(receive, headers, inference._max_body)
                 model = data.get("model")
-                route = inference.route_for(model)
+                route = inference.route_for(model) if policy is None else inference.for_client(model, policy)
                 if route.rewrite_model is not None and model != route.rewrite_model:
                     data["model"] = route.rewrite_model
                     body = orjson.dumps(data)
@@ -225,7 +255,7 @@ class EndpointHandler:
                 body = b""
                 params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
                 model = next((v for k, v in params if k == "model"), None)
-                route = inference.route_for(model)
+                route = inference.route_for(model) if policy is None else inference.for_client(model, policy)
                 if route.rewrite_model is not None:
                     params = [(k, route.rewrite_model if k == "model" else v) for k, v in params]
                     if model is None:
@@ -235,11 +265,16 @@ class EndpointHandler:
             if req is not None:
                 req.alias = alias
             out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
+            ticket: Ticket | None = None
+            if policy is not None and policy.limited:
+                ticket = await inference.limits.admit(policy)  # else 429
             stats.inflight[alias] += 1
             try:
                 await cancel_on_disconnect(receive, route.forward(out, watch))
             finally:
                 stats.inflight[alias] -= 1
+                if ticket is not None:
+                    await inference.limits.release(ticket, watch.usage)
             status = watch.status or 499  # 499: the client left before an answer
         except RoleMeshError as exc:
             status = exc.status

@@ -79,6 +79,8 @@ class Stats:
         self.queue_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.client_requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        #: Requests refused by a client key's own limits or model access, by key name and reason.
+        self.client_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -178,6 +180,13 @@ class Collector:
             "Requests answered, by client key name.",
             ("client", "alias", "status"),
             s.client_requests,
+        )
+        yield _counter(
+            "rolemesh_client_rejected",
+            "Requests refused by a client key's limits or model access, by key name and reason "
+            "(requests_per_minute, tokens_per_minute, max_concurrent, models).",
+            ("client", "reason"),
+            s.client_rejected,
         )
 
     def _nodes(self) -> Iterator[Metric]:

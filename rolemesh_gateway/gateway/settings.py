@@ -90,8 +90,31 @@ class DiscoveredModel(Closed):
 ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type")]
 
 
+class RateLimit(Closed):
+    """A client key's budgets per minute (fixed 60 s windows, see :mod:`.limits`)."""
+
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RateLimit:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("set requests_per_minute, tokens_per_minute or both")
+        return self
+
+
+class ClientKey(NamedKey):
+    """A named client key, optionally with its own limits and the models it may use."""
+
+    rate_limit: RateLimit | None = None
+    #: Requests of this key in flight at once (a stream counts until it ends); more get 429.
+    max_concurrent: Annotated[int, Field(gt=0)] | None = None
+    #: The aliases (or their openai_model_name) this key may see and use; none: all of them.
+    models: Annotated[tuple[Name, ...], Field(min_length=1)] | None = None
+
+
 class AuthSettings(Closed):
-    client_api_keys: tuple[KeyEntry, ...] = ()
+    client_api_keys: tuple[Key | ClientKey, ...] = ()
     node_api_keys: tuple[KeyEntry, ...] = ()
     #: Keys for operator endpoints (/metrics, GET /v1/nodes, ...); none: client keys do.
     admin_api_keys: tuple[KeyEntry, ...] = ()
@@ -189,7 +212,21 @@ class Settings(Closed):
             raise ValueError(
                 f"default_model '{self.default_model}' names no alias; allowed: {', '.join(self.models)}"
             )
+        for i, key in enumerate(self.auth.client_api_keys):
+            for j, name in enumerate(key.models or () if isinstance(key, ClientKey) else ()):
+                if name not in names:
+                    raise ValueError(
+                        f"auth.client_api_keys.{i}.models.{j}: '{name}' names no alias; "
+                        f"allowed: {', '.join(self.models)}"
+                    )
         return self
+
+    def client_models(self, key: ClientKey) -> tuple[str, ...] | None:
+        """The aliases a client key may use, in its order (None: every alias)."""
+        if key.models is None:
+            return None
+        aliases = {name: a for a in self.models for name in (a, self.advertised_name(a))}
+        return tuple(dict.fromkeys(aliases[name] for name in key.models))
 
     @property
     def default_alias(self) -> str:
