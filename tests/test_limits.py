@@ -128,6 +128,24 @@ def test_tokens_of_a_stream_are_counted_from_its_usage_event(
     assert chat(c, LIMITED, **opts).status_code == 429
 
 
+def test_a_stream_that_did_not_ask_for_usage_is_counted_too(
+    upstreams: Up, gateway: Gw, client: Callable[[str], httpx.Client]
+) -> None:
+    """Without ``stream_options.include_usage`` an upstream reports no usage in a stream: for a key
+    with tokens_per_minute the gateway asks for it, so streaming is no way around the limit."""
+    up = upstreams("p", chunks=5)
+    gw = gateway(limited_config(up.url, rate_limit={"tokens_per_minute": 15}))
+    c = client(gw.url)
+    r = chat(c, LIMITED, stream=True, stream_options={"other": 1})
+    assert '"usage"' in r.text and r.text.rstrip().endswith("data: [DONE]")
+    assert up.seen[-1].body["stream_options"] == {"other": 1, "include_usage": True}
+    assert chat(c, LIMITED, stream=True).status_code == 200
+    assert chat(c, LIMITED, stream=True).status_code == 429
+    # Keys without a token limit are passed through untouched.
+    chat(c, OTHER, stream=True)
+    assert "stream_options" not in up.seen[-1].body
+
+
 def test_max_concurrent_lets_two_streams_run_and_refuses_the_third(
     upstreams: Up, gateway: Gw, client: Callable[[str], httpx.Client]
 ) -> None:

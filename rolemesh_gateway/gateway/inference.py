@@ -27,7 +27,7 @@ from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshErr
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from .guard import Guard
-from .limits import MODELS, ClientLimits, ClientPolicy, Ticket, client_policies
+from .limits import MODELS, ClientLimits, ClientPolicy, ReleaseAtEnd, Ticket, ask_usage, client_policies
 from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
@@ -157,6 +157,10 @@ class Watch:
         self.first_at: float | None = None
         self.usage: tuple[int, int] | None = None
 
+    def until_end(self, limits: ClientLimits, ticket: Ticket) -> None:
+        """Release the ticket of a limited key as the answer's last part goes out."""
+        self._send = ReleaseAtEnd(self._send, limits, ticket, lambda: self.usage)
+
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
@@ -249,6 +253,8 @@ class EndpointHandler:
                     data["model"] = route.rewrite_model
                     body = orjson.dumps(data)
                 target = endpoint.upstream_path
+                if policy is not None and policy.tokens_per_minute and ask_usage(target, data):
+                    body = orjson.dumps(data)
                 if query:
                     target = f"{target}?{query.decode('latin-1')}"
             else:  # GET /props?model=...: no body; the model travels in the query
@@ -268,6 +274,7 @@ class EndpointHandler:
             ticket: Ticket | None = None
             if policy is not None and policy.limited:
                 ticket = await inference.limits.admit(policy)  # else 429
+                watch.until_end(inference.limits, ticket)
             stats.inflight[alias] += 1
             try:
                 await cancel_on_disconnect(receive, route.forward(out, watch))

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.asgi import Message, Send
 from ..common.auth import key_id
 from ..common.errors import RateLimited, TokensRateLimited
 from .metrics import Stats
@@ -105,6 +106,23 @@ def client_policies(settings: Settings) -> dict[str | None, ClientPolicy]:
     return out
 
 
+#: OpenAI streams that report usage only when asked (``stream_options.include_usage``).
+_USAGE_ON_REQUEST = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def ask_usage(upstream_path: str, data: dict[str, Any]) -> bool:
+    """Ask a stream of a key with ``tokens_per_minute`` to report its usage; True if ``data``
+    changed. Without it llama-server (like OpenAI) sends none, and the tokens would go uncounted;
+    the client gets one more event at the end, with empty ``choices`` and the usage."""
+    if data.get("stream") is not True or upstream_path not in _USAGE_ON_REQUEST:
+        return False
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
+
+
 def refusal(p: ClientPolicy, reason: str, used: int, wait_s: float) -> RateLimited:
     """The 429 for a key over one of its limits (OpenAI's wording and shape)."""
     retry = max(1, math.ceil(wait_s))
@@ -131,6 +149,7 @@ class Ticket:
     policy: ClientPolicy
     #: Its lease in Redis; None when it was counted in this gateway only.
     lease: str | None = None
+    released: bool = False
 
 
 class _Window:
@@ -253,6 +272,9 @@ class SharedCounts:
         self._clock = clock
         self._admit = registry.redis.register_script(_ADMIT)
         self._release = registry.redis.register_script(_RELEASE)
+        from redis.exceptions import RedisError
+
+        self._errors = (*registry.errors, RedisError)
         self._leases = itertools.count(1)
         self._me = os.urandom(6).hex()
         #: Why Redis cannot be reached, while it cannot (logged once each way).
@@ -311,7 +333,8 @@ class SharedCounts:
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
-        return self._registry.errors
+        """Redis away, or refusing the call: either way this gateway counts alone for now."""
+        return self._errors
 
 
 class ClientLimits:
@@ -352,7 +375,10 @@ class ClientLimits:
         raise refusal(p, reason, used, wait_s)
 
     async def release(self, ticket: Ticket, usage: tuple[int, int] | None) -> None:
-        """The request is done: free its place, count the tokens it used."""
+        """The request is done: free its place, count the tokens it used (once; later calls: no-op)."""
+        if ticket.released:
+            return
+        ticket.released = True
         p = ticket.policy
         tokens = sum(usage) if usage is not None and p.tokens_per_minute else 0
         if ticket.lease is None:
@@ -368,3 +394,24 @@ class ClientLimits:
             # The lease expires on its own; the tokens are counted here, for as long as Redis is away.
             shared.down(str(exc) or exc.__class__.__name__)
             self.local.add_tokens(p, tokens)
+
+
+class ReleaseAtEnd:
+    """Wraps a limited request's ``send``: the ticket is released just before the last body part
+    goes out, so a client that sends its next request the moment an answer ends (a stream with
+    ``max_concurrent: 1``) finds its place free, on this gateway and on the others."""
+
+    __slots__ = ("_limits", "_send", "_ticket", "_usage")
+
+    def __init__(
+        self, send: Send, limits: ClientLimits, ticket: Ticket, usage: Callable[[], tuple[int, int] | None]
+    ) -> None:
+        self._send = send
+        self._limits = limits
+        self._ticket = ticket
+        self._usage = usage
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await self._limits.release(self._ticket, self._usage())
+        await self._send(message)
