@@ -275,6 +275,13 @@ def test_nonsense_limits_are_refused_in_one_line(key: dict[str, Any], error: str
     assert error in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_named_key_listed_twice_is_refused() -> None:
+    config = proxy_config(planner="http://127.0.0.1:1")
+    config["auth"]["client_api_keys"] = ["k", {"name": "a", "key": "k", "max_concurrent": 1}]
+    with pytest.raises(ConfigError, match="a named key's key is listed twice"):
+        parse_settings(config)
+
+
 def test_limits_survive_a_reload(upstreams: Up, gateway: Gw, tmp_path: Path) -> None:
     """A config reload (SIGHUP) keeps the counts of the running window."""
     gw = gateway(limited_config(upstreams("p").url, rate_limit={"requests_per_minute": 3}))

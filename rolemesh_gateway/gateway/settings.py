@@ -133,6 +133,10 @@ class AuthSettings(Closed):
             raise ValueError("a key may not be both a node key and a client or admin key")
         if clients & admins:
             raise ValueError("a key may not be both a client key and an admin key")
+        named = [k.key for k in self.client_api_keys if isinstance(k, NamedKey)]
+        plain = [k for k in self.client_api_keys if not isinstance(k, NamedKey)]
+        if len(set(named)) != len(named) or set(named) & set(plain):  # which name and limits apply?
+            raise ValueError("auth.client_api_keys: a named key's key is listed twice")
         for kind, keys in (("client", self.client_api_keys), ("node", self.node_api_keys)):
             names = [k.name for k in keys if isinstance(k, NamedKey)]
             if len(names) != len(set(names)):
