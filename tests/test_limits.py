@@ -87,6 +87,8 @@ def test_a_burst_gets_exactly_its_share_then_429_with_retry_after(
     # Refusals are counted by key name and reason.
     metrics = c.get("/metrics", headers={"X-Api-Key": CLIENT_KEY}).text
     assert 'rolemesh_client_rejected_total{client="limited",reason="requests_per_minute"} 42.0' in metrics
+    # A client over its own limit is not an error of the fleet: the dashboard's list stays clean.
+    assert c.get("/dashboard/data", headers={"X-Api-Key": CLIENT_KEY}).json()["errors"] == []
 
 
 def test_the_openai_sdk_sees_a_rate_limit_error(upstreams: Up, gateway: Gw) -> None:
@@ -325,6 +327,20 @@ def test_the_limit_holds_across_two_gateways(redis: RedisServer, upstreams: Up, 
     finally:
         for c in clients:
             c.close()
+
+
+def test_tokens_are_counted_across_two_gateways(redis: RedisServer, upstreams: Up, gateway: Gw) -> None:
+    config = shared(redis.url, limited_config(upstreams("p").url, rate_limit={"tokens_per_minute": 20}))
+    gws = [gateway(config), gateway(config)]
+    with httpx.Client(timeout=10) as c:
+        statuses = [
+            c.post(
+                f"{gws[i % 2].url}/v1/completions", json={"model": "planner"}, headers={"X-Api-Key": LIMITED}
+            )
+            for i in range(5)
+        ]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 200, 429]
+    assert statuses[-1].json()["error"]["type"] == "tokens"
 
 
 def test_max_concurrent_holds_across_two_gateways(redis: RedisServer, upstreams: Up, gateway: Gw) -> None:

@@ -23,7 +23,7 @@ import orjson
 
 from ..common.asgi import Headers, Message, Receive, Scope, Send, cancel_on_disconnect, read_json_object
 from ..common.endpoints import Endpoint
-from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshError
+from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RateLimited, RoleMeshError
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from .guard import Guard
@@ -32,6 +32,8 @@ from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
 
+#: The ``error`` of a request refused by its key's own limits (not shown as a fleet error).
+LIMITED = "over the client key's own limit"
 #: A client's X-Request-Id longer than this is replaced by one of ours.
 MAX_REQUEST_ID = 200
 #: Every request this gateway forwards carries its id here; one that comes back is a loop.
@@ -283,12 +285,17 @@ class EndpointHandler:
                 if ticket is not None:
                     await inference.limits.release(ticket, watch.usage)
             status = watch.status or 499  # 499: the client left before an answer
+        except RateLimited:
+            # The key's own limit: counted by key in the metrics, not an error of the fleet.
+            status = 429
+            error = LIMITED
+            raise
         except RoleMeshError as exc:
             status = exc.status
             error = exc.message
             raise
         finally:
-            if (status >= 500 or status == 429) and inference.on_error is not None:
+            if (status >= 500 or status == 429) and error is not LIMITED and inference.on_error is not None:
                 inference.on_error(
                     rid.decode("ascii"),
                     alias,

@@ -286,7 +286,13 @@ class SharedCounts:
         if self._registry.outage is not None:
             self.down(self._registry.outage)
             return False
-        return self.outage is None or self._clock() >= self._retry_at
+        if self.outage is None:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + RETRY_REDIS_S  # one request probes; the others don't wait on it
+        return True
 
     def down(self, reason: str) -> None:
         if self.outage is None:
