@@ -243,6 +243,15 @@ def test_a_key_sees_and_uses_only_its_models(
     assert 'rolemesh_client_rejected_total{client="limited",reason="models"} 1.0' in metrics
 
 
+def test_ready_tells_the_details_only_to_a_key_that_may_use_the_default(upstreams: Up, gateway: Gw) -> None:
+    gw = gateway(limited_config("http://127.0.0.1:9", upstreams("w").url, models=["writer"]))
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        full = c.get("/ready", headers={"X-Api-Key": CLIENT_KEY}).json()["reason"]
+        mine = c.get("/ready", headers={"X-Api-Key": LIMITED}).json()["reason"]
+    assert "127.0.0.1:9" in full
+    assert mine == "model 'planner' has no upstream that can serve now"
+
+
 def test_models_may_name_an_alias_by_its_openai_name(upstreams: Up, gateway: Gw) -> None:
     config = limited_config(upstreams("p").url, upstreams("w").url, models=["gpt-writer"])
     config["models"]["writer"]["openai_model_name"] = "gpt-writer"

@@ -40,15 +40,17 @@ class StatusAPI:
         """200 when the default alias can serve now, else 503 with the reason.
 
         Without a key the reason is in general words; the details (upstream URLs, node counts)
-        only go to a caller with a client key.
+        only go to a caller with a client key that may use the default alias.
         """
         alias = self._settings.default_alias
         ok, reason = self._routes[alias].available()
         if ok:
             await send_json(send, 200, {"status": "ready", "default_model": alias})
             return
-        if not self._guard.is_client(scope["headers"]) or not self._may_use(scope, alias):
+        if not self._guard.is_client(scope["headers"]):
             reason = f"model '{alias}' has no upstream that can serve now (send a client key for details)"
+        elif not self._may_use(scope, alias):  # a key limited to other models: no details either
+            reason = f"model '{alias}' has no upstream that can serve now"
         await send_json(send, 503, {"status": "not_ready", "default_model": alias, "reason": reason})
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
