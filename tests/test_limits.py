@@ -170,9 +170,15 @@ def test_max_concurrent_lets_two_streams_run_and_refuses_the_third(
     assert chat(c, LIMITED).status_code == 200  # their places are free again
 
 
-def test_a_client_that_leaves_frees_its_place(upstreams: Up, gateway: Gw) -> None:
+@pytest.mark.parametrize("counted_in", ["memory", "redis"])
+def test_a_client_that_leaves_frees_its_place(
+    upstreams: Up, gateway: Gw, counted_in: str, request: pytest.FixtureRequest
+) -> None:
     up = upstreams("p", chunks=50, chunk_interval_s=0.1)
-    gw = gateway(limited_config(up.url, max_concurrent=1))
+    config = limited_config(up.url, max_concurrent=1)
+    if counted_in == "redis":
+        config = shared(request.getfixturevalue("redis").url, config)
+    gw = gateway(config)
     with httpx.Client(base_url=gw.url, timeout=10) as c:
         body = {"model": "planner", "stream": True, "messages": []}
         with c.stream("POST", "/v1/chat/completions", json=body, headers={"X-Api-Key": LIMITED}) as s:

@@ -30,6 +30,7 @@ the limits hold across gateways. While Redis cannot be reached every gateway cou
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -392,10 +393,15 @@ class ClientLimits:
             return
         if not tokens and not p.max_concurrent:
             return
+        # Shielded: a client that hangs up now cancels the request, but its place must still be
+        # given back (else it would stay taken until its lease expires).
+        await asyncio.shield(self._release_shared(p, ticket.lease, tokens))
+
+    async def _release_shared(self, p: ClientPolicy, lease: str, tokens: int) -> None:
         shared = self.shared
         assert shared is not None
         try:
-            await shared.release(p, ticket.lease, tokens)
+            await shared.release(p, lease, tokens)
         except shared.errors as exc:
             # The lease expires on its own; the tokens are counted here, for as long as Redis is away.
             shared.down(str(exc) or exc.__class__.__name__)
