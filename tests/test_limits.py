@@ -170,6 +170,27 @@ def test_max_concurrent_lets_two_streams_run_and_refuses_the_third(
     assert chat(c, LIMITED).status_code == 200  # their places are free again
 
 
+def test_a_stream_left_before_its_usage_counts_its_events(upstreams: Up, gateway: Gw) -> None:
+    """A client that hangs up before the usage event still pays: one token per event relayed."""
+    up = upstreams("p", chunks=40, chunk_interval_s=0.05)
+    gw = gateway(limited_config(up.url, rate_limit={"tokens_per_minute": 5}))
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        body = {"model": "planner", "stream": True, "messages": []}
+        with c.stream("POST", "/v1/chat/completions", json=body, headers={"X-Api-Key": LIMITED}) as s:
+            got = b""
+            for chunk in s.iter_bytes():
+                got += chunk
+                if got.count(b"data:") >= 6:
+                    break
+    with httpx.Client(base_url=gw.url, timeout=10, headers={"X-Api-Key": LIMITED}) as c:
+
+        def refused() -> bool:  # the fake's embeddings report no usage: they add no tokens
+            r = c.post("/v1/embeddings", json={"model": "planner", "input": "x"})
+            return r.status_code == 429 and r.json()["error"]["type"] == "tokens"
+
+        wait_until(refused, 5, "the events of the stream to be counted")
+
+
 @pytest.mark.parametrize("counted_in", ["memory", "redis"])
 def test_a_client_that_leaves_frees_its_place(
     upstreams: Up, gateway: Gw, counted_in: str, request: pytest.FixtureRequest

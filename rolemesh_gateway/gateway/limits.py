@@ -15,8 +15,9 @@ can send up to twice its limit within any 60 s that straddles two windows.
 
 - Requests are counted at admission (refused requests don't count).
 - Tokens are counted after the fact, from the ``usage`` the upstream reports (as LiteLLM does;
-  a stream reports it in its last event, when it does): a key is refused once the tokens of
-  its window reach ``tokens_per_minute``, so the answer that crosses the limit is not cut.
+  a stream reports it in its last event, when it does; one that does not, because its client
+  left first, counts one token per event relayed): a key is refused once the tokens of its
+  window reach ``tokens_per_minute``, so the answer that crosses the limit is not cut.
 - ``max_concurrent``: requests of the key in flight (a stream until it ends); the next one is
   refused at once with 429, not queued.
 
@@ -151,6 +152,8 @@ class Ticket:
     #: Its lease in Redis; None when it was counted in this gateway only.
     lease: str | None = None
     released: bool = False
+    #: SSE events relayed: a stream's tokens when it reports no usage (its client left first).
+    events: int = 0
 
 
 class _Window:
@@ -387,7 +390,9 @@ class ClientLimits:
             return
         ticket.released = True
         p = ticket.policy
-        tokens = sum(usage) if usage is not None and p.tokens_per_minute else 0
+        tokens = 0
+        if p.tokens_per_minute:  # as reported; else about one token per event of a stream
+            tokens = sum(usage) if usage is not None else ticket.events
         if ticket.lease is None:
             self.local.release(p, tokens)
             return
@@ -424,6 +429,9 @@ class ReleaseAtEnd:
         self._usage = usage
 
     async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            await self._limits.release(self._ticket, self._usage())
+        if message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                await self._limits.release(self._ticket, self._usage())
+            elif self._ticket.policy.tokens_per_minute:
+                self._ticket.events += message.get("body", b"").count(b"data:")
         await self._send(message)
