@@ -101,6 +101,19 @@ def test_the_openai_sdk_sees_a_rate_limit_error(upstreams: Up, gateway: Gw) -> N
     with pytest.raises(openai.RateLimitError) as info:
         sdk.chat.completions.create(model="planner", messages=messages)
     assert info.value.code == "rate_limit_exceeded"
+    assert info.value.response.headers["retry-after"]
+
+
+def test_the_anthropic_sdk_sees_a_rate_limit_error(upstreams: Up, gateway: Gw) -> None:
+    import anthropic
+
+    gw = gateway(limited_config(upstreams("p").url, rate_limit={"requests_per_minute": 1}))
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=LIMITED, max_retries=0)
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        assert chat(c, LIMITED).status_code == 200  # the one request of this minute
+    with pytest.raises(anthropic.RateLimitError) as info:
+        sdk.messages.create(model="planner", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert "Rate limit reached for client key 'limited'" in str(info.value)
 
 
 def test_tokens_per_minute_counts_usage_after_the_fact(
@@ -124,7 +137,7 @@ def test_tokens_of_a_stream_are_counted_from_its_usage_event(
     up = upstreams("p", chunks=5)  # a stream with include_usage reports 5 + 5 tokens
     gw = gateway(limited_config(up.url, rate_limit={"tokens_per_minute": 15}))
     c = client(gw.url)
-    opts = {"stream": True, "stream_options": {"include_usage": True}}
+    opts: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
     assert chat(c, LIMITED, **opts).status_code == 200  # 10 tokens
     assert chat(c, LIMITED, **opts).status_code == 200  # 10 < 15 before it: admitted (20 now)
     assert chat(c, LIMITED, **opts).status_code == 429
@@ -417,12 +430,9 @@ def test_without_redis_each_gateway_limits_alone_and_says_so_once(
     redis.start()  # back (and empty): counted in Redis again, and said so once
     for gw in (gw1, gw2):
         with gw.client(LIMITED) as c:
-            wait_until(
-                lambda c=c, gw=gw: (
-                    chat(c, LIMITED).status_code == 200
-                    and "limits hold across gateways again" in gw.log_text()
-                ),
-                5,
-                "limits counted in Redis again",
-            )
+
+            def back(c: httpx.Client = c, gw: GatewayProcess = gw) -> bool:
+                return chat(c, LIMITED).status_code == 200 and "across gateways again" in gw.log_text()
+
+            wait_until(back, 5, "limits counted in Redis again")
         assert gw.log_text().count("limits hold across gateways again") == 1
