@@ -27,7 +27,7 @@ from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RateLimited
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from .guard import Guard
-from .limits import MODELS, ClientLimits, ClientPolicy, ReleaseAtEnd, Ticket, ask_usage, client_policies
+from .limits import MODELS, ClientLimits, ClientPolicy, Ticket, ask_usage, client_policies
 from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
@@ -149,7 +149,7 @@ class Inference:
 class Watch:
     """The client's ``send``, seen on its way: status, first content, token usage."""
 
-    __slots__ = ("_rid", "_send", "first_at", "status", "stream", "usage")
+    __slots__ = ("_limits", "_rid", "_send", "first_at", "status", "stream", "ticket", "usage")
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
@@ -158,10 +158,14 @@ class Watch:
         self.stream = False
         self.first_at: float | None = None
         self.usage: tuple[int, int] | None = None
+        #: A limited key's admission, released as the answer's last part goes out.
+        self.ticket: Ticket | None = None
+        self._limits: ClientLimits | None = None
 
     def until_end(self, limits: ClientLimits, ticket: Ticket) -> None:
-        """Release the ticket of a limited key as the answer's last part goes out."""
-        self._send = ReleaseAtEnd(self._send, limits, ticket, lambda: self.usage)
+        """Release the ticket of a limited key as the answer's last part goes out, so that a
+        client that goes on the moment an answer ends finds its place free (on every gateway)."""
+        self._limits, self.ticket = limits, ticket
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -181,6 +185,8 @@ class Watch:
                         self._events_usage(body)
                 elif b'"usage"' in body:
                     self._take_usage(_json(body))
+            if self.ticket is not None and self._limits is not None:
+                await self._limits.on_body(self.ticket, message, self.usage)
         await self._send(message)
 
     def _events_usage(self, body: bytes) -> None:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..common.asgi import Message, Send
+from ..common.asgi import Message
 from ..common.auth import key_id
 from ..common.errors import RateLimited, TokensRateLimited
 from .metrics import Stats
@@ -384,6 +384,14 @@ class ClientLimits:
         self._stats.client_rejected[(p.name, reason)] += 1
         raise refusal(p, reason, used, wait_s)
 
+    async def on_body(self, ticket: Ticket, message: Message, usage: tuple[int, int] | None) -> None:
+        """A body part of the answer of a limited request is going out: before the last one,
+        release the ticket; before the others, count a stream's events (for ``tokens_per_minute``)."""
+        if not message.get("more_body", False):
+            await self.release(ticket, usage)
+        elif ticket.policy.tokens_per_minute:
+            ticket.events += message.get("body", b"").count(b"data:")
+
     async def release(self, ticket: Ticket, usage: tuple[int, int] | None) -> None:
         """The request is done: free its place, count the tokens it used (once; later calls: no-op)."""
         if ticket.released:
@@ -411,27 +419,3 @@ class ClientLimits:
             # The lease expires on its own; the tokens are counted here, for as long as Redis is away.
             shared.down(str(exc) or exc.__class__.__name__)
             self.local.add_tokens(p, tokens)
-
-
-class ReleaseAtEnd:
-    """Wraps a limited request's ``send``: the ticket is released just before the last body part
-    goes out, so a client that sends its next request the moment an answer ends (a stream with
-    ``max_concurrent: 1``) finds its place free, on this gateway and on the others."""
-
-    __slots__ = ("_limits", "_send", "_ticket", "_usage")
-
-    def __init__(
-        self, send: Send, limits: ClientLimits, ticket: Ticket, usage: Callable[[], tuple[int, int] | None]
-    ) -> None:
-        self._send = send
-        self._limits = limits
-        self._ticket = ticket
-        self._usage = usage
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.body":
-            if not message.get("more_body", False):
-                await self._limits.release(self._ticket, self._usage())
-            elif self._ticket.policy.tokens_per_minute:
-                self._ticket.events += message.get("body", b"").count(b"data:")
-        await self._send(message)
