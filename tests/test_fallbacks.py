@@ -246,3 +246,20 @@ def test_a_client_error_is_the_clients_and_never_falls_back(upstreams: Up, gatew
         r = c.post("/v1/chat/completions", json={"model": "planner"})
     assert r.status_code == 404 and r.headers["x-rolemesh-alias"] == "planner"
     assert writer.seen == []
+
+
+def test_a_key_limited_to_some_models_is_never_served_by_another(upstreams: Up, gateway: Gw) -> None:
+    writer = upstreams("writer")
+    config = gateway_config({"type": "discovered", "role": "planner"}, writer.url)
+    only_planner = "sk-only-planner"
+    config["auth"]["client_api_keys"].append(
+        {"name": "planner-only", "key": only_planner, "models": ["planner"]}
+    )
+    gw = gateway(config)
+    with gw.client(only_planner) as c:
+        r = c.post("/v1/chat/completions", json={"model": "planner", "messages": []})
+    assert r.status_code == 503 and "planner" in r.json()["error"]["message"]
+    assert writer.seen == [] and fallbacks_counted(gw) == {}
+    with gw.client() as c:  # a key that may use writer still falls back
+        r = c.post("/v1/chat/completions", json={"model": "planner", "messages": []})
+    assert r.status_code == 200 and r.headers["x-rolemesh-alias"] == "writer"

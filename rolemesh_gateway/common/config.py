@@ -224,6 +224,10 @@ def one_line(exc: ValidationError, root: type[BaseModel]) -> str:
     reports for the key meant is then explained by it.
     """
     errors = exc.errors(include_url=False)
+    # A key is a string or a mapping ({name, key, ...}): for a mapping, the string member's
+    # "should be a valid string" says nothing; the mapping member's complaint is the one.
+    useful = [e for e in errors if not (e["type"] == "string_type" and isinstance(e.get("input"), dict))]
+    errors = useful or errors
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
@@ -282,7 +286,7 @@ def _walk(tp: Any, loc: tuple[Any, ...]) -> tuple[Any, list[str]]:
     for part in loc:
         tp = _unwrap(tp)
         if isinstance(tp, tuple):  # a tagged union: ``part`` is the tag that picked the member
-            tp = next((m for m in tp if _is_model(m) and _has_tag(m, part)), None)
+            tp = next((m for m in tp if _is_model(m) and (_has_tag(m, part) or m.__name__ == part)), None)
             continue
         shown.append(str(part))
         if _is_model(tp):

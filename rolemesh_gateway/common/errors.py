@@ -12,6 +12,7 @@
      ├─ RegistryFull (507)
      ├─ RegistryUnavailable (503)
      ├─ NoUpstreamAvailable (503) ── QueueFull (429), QueueTimeout (503)
+     ├─ RateLimited (429) ── TokensRateLimited   a client key over its own limit
      └─ UpstreamError ─┬─ UpstreamFailed (502) ── UpstreamUnreachable
                        ├─ UpstreamTimeout (504)
                        ├─ LoopDetected (502)  the request came back to this gateway
@@ -42,7 +43,7 @@ class RoleMeshError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
     #: Seconds a client should wait before trying again (sent as ``Retry-After``), if it should.
-    retry_after: ClassVar[int | None] = None
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -167,6 +168,23 @@ class QueueTimeout(NoUpstreamAvailable):
     status = 503
     code = "queue_timeout"
     retry_after = 1
+
+
+class RateLimited(RoleMeshError):
+    """A client key is over its own ``rate_limit`` or ``max_concurrent`` (OpenAI's 429 shape:
+    ``type`` says which budget, ``requests`` or ``tokens``; ``code`` is ``rate_limit_exceeded``)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class TokensRateLimited(RateLimited):
+    type = "tokens"
 
 
 class UpstreamError(RoleMeshError):

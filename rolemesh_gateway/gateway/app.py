@@ -28,6 +28,7 @@ from .dashboard import SAMPLE_S, STATIC_PREFIX, Dashboard
 from .guard import Guard
 from .health import HealthMonitor
 from .inference import EndpointHandler, Inference
+from .limits import ClientLimits
 from .metrics import Collector, Stats, exposition
 from .node_policy import NodePolicy
 from .registry import NodeRegistry, make_registry
@@ -63,6 +64,8 @@ class Gateway:
         self.dashboard = Dashboard(self)  # once: its history and recent errors outlive a reload
         #: The context the server listens with (None: plain HTTP); a reload loads new files into it.
         self.server_ssl = server_context(settings.tls)
+        #: Per-client counts (once: a reload keeps them; Redis counts them with a shared registry).
+        self.limits = ClientLimits(self.stats, self.registry, settings.registry.key_prefix)
         self._apply(settings)
 
     def _apply(self, settings: Settings) -> None:
@@ -79,7 +82,13 @@ class Gateway:
             settings, self.client, self.registry, health, guard.nodes, policy.allows, self.stats
         )
         inference = Inference(
-            settings, routes, guard, self.stats, self._access_log, on_error=self.dashboard.record_error
+            settings,
+            routes,
+            guard,
+            self.stats,
+            self._access_log,
+            on_error=self.dashboard.record_error,
+            limits=self.limits,
         )
         status = StatusAPI(settings, routes, guard, inference)
         nodes = NodesAPI(settings, self.registry, guard, policy)

@@ -9,9 +9,9 @@ with node keys only, client calls are refused.
 from __future__ import annotations
 
 from ..common.asgi import Headers
-from ..common.auth import KeyRing
-from ..common.errors import Unauthorized
-from .settings import AuthSettings
+from ..common.auth import KeyRing, key_id
+from ..common.errors import Forbidden, Unauthorized
+from .settings import AuthSettings, ClientKey
 
 
 class Guard:
@@ -23,6 +23,10 @@ class Guard:
         self.admins = KeyRing(auth.admin_api_keys)
         #: No keys at all: anyone may call anything.
         self.open = not self.clients and not self.nodes
+        #: Client keys limited to some models: never operator keys (they would see every alias).
+        self._restricted = frozenset(
+            key_id(k.key) for k in auth.client_api_keys if isinstance(k, ClientKey) and k.models is not None
+        )
 
     def client(self, headers: Headers) -> str | None:
         """The id of the client key presented (None in open mode); 401 without a valid one."""
@@ -34,13 +38,19 @@ class Guard:
         """Operator endpoints: an admin key when admin keys are configured, else a client key."""
         if self.admins:
             return self.admins.check_client(headers)
-        return self.client(headers)
+        kid = self.client(headers)
+        if kid in self._restricted:
+            raise Forbidden(
+                "this client key may use only some models (its models list), so it is no operator "
+                "key; use an admin key (auth.admin_api_keys) or a client key without models"
+            )
+        return kid
 
     def is_admin(self, headers: Headers) -> bool:
         """May the caller use operator endpoints? Never raises."""
         try:
             self.admin(headers)
-        except Unauthorized:
+        except (Unauthorized, Forbidden):
             return False
         return True
 

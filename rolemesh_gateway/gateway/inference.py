@@ -24,15 +24,18 @@ import orjson
 
 from ..common.asgi import Headers, Message, Receive, Scope, Send, cancel_on_disconnect, read_json_object
 from ..common.endpoints import Endpoint
-from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RoleMeshError
+from ..common.errors import BadRequest, LoopDetected, ModelNotFound, RateLimited, RoleMeshError
 from ..common.logs import RequestLog, current_request
 from ..common.relay import upstream_headers
 from . import fallbacks
 from .guard import Guard
+from .limits import MODELS, ClientLimits, ClientPolicy, Ticket, ask_usage, client_policies
 from .metrics import UNKNOWN, Stats
 from .routes import Outbound, Route
 from .settings import Settings
 
+#: The ``error`` of a request refused by its key's own limits (not shown as a fleet error).
+LIMITED = "over the client key's own limit"
 #: A client's X-Request-Id longer than this is replaced by one of ours.
 MAX_REQUEST_ID = 200
 #: Every request this gateway forwards carries its id here; one that comes back is a loop.
@@ -50,6 +53,7 @@ class Inference:
         stats: Stats,
         access_log: bool = False,
         on_error: Callable[[str, str, str | None, int, str], None] | None = None,
+        limits: ClientLimits | None = None,
     ) -> None:
         self._routes = routes
         self._guard = guard
@@ -70,6 +74,10 @@ class Inference:
         self._upstream_model = {
             a: routes[a].rewrite_model or settings.advertised_name(a) for a in settings.models
         }
+        #: The named client keys with limits or model access, by key id; the others have none.
+        self.policies = client_policies(settings)
+        #: Counts the requests of limited keys (kept by the gateway across reloads).
+        self.limits = limits or ClientLimits(stats)
         # Request ids: a random per-process prefix and a counter (unique, far cheaper than uuid4).
         self._rid_prefix = os.urandom(6).hex().encode() + b"-"
         self._rid_counter = itertools.count(1)
@@ -96,13 +104,44 @@ class Inference:
             )
         return self._routes[alias]
 
-    def forward(self, route: Route, out: Outbound, send: Send) -> Coroutine[Any, Any, None]:
-        """``route.forward``, or through the alias's fallbacks when it has some."""
+    def forward(
+        self, route: Route, out: Outbound, send: Send, policy: ClientPolicy | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """``route.forward``, or through the alias's fallbacks when it has some.
+
+        A client key with its own ``models`` is only ever served by those: the aliases of the
+        chain it may not use are left out.
+        """
         chain = self._fallbacks.get(route.alias)
+        if chain is not None and policy is not None and policy.models is not None:
+            allowed = policy.models
+            chain = tuple(a for a in chain if a in allowed) or None
         if chain is None:
             return route.forward(out, send)
         routes, models = self._routes, self._upstream_model
         return fallbacks.serve(route, chain, routes, models, out, send, self.stats)
+
+    def for_client(self, model: object, policy: ClientPolicy) -> Route:
+        """:meth:`route_for` for a key with its own ``models``: the others answer as if absent."""
+        if policy.models is None:
+            return self.route_for(model)
+        if model is None:
+            return self._routes[policy.default]
+        alias = self._names.get(model) if type(model) is str else None
+        if alias is None or alias not in policy.models:
+            if alias is not None:
+                self.stats.client_rejected[(policy.name, MODELS)] += 1
+            if type(model) is not str:
+                raise BadRequest("'model' must be a string", param="model")
+            raise ModelNotFound(
+                f"model '{model}' does not exist; configured: {', '.join(policy.listed)}", param="model"
+            )
+        return self._routes[alias]
+
+    def may_use(self, kid: str | None, alias: str) -> bool:
+        """May the client key with this id see and use this alias?"""
+        policy = self.policies.get(kid)
+        return policy is None or policy.models is None or alias in policy.models
 
     def outbound(
         self, method: str, target: str, headers: Headers, body: bytes, anthropic: bool, rid: bytes
@@ -135,7 +174,7 @@ class Inference:
 class Watch:
     """The client's ``send``, seen on its way: status, first content, token usage."""
 
-    __slots__ = ("_rid", "_send", "first_at", "status", "stream", "usage")
+    __slots__ = ("_limits", "_rid", "_send", "first_at", "status", "stream", "ticket", "usage")
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
@@ -144,6 +183,14 @@ class Watch:
         self.stream = False
         self.first_at: float | None = None
         self.usage: tuple[int, int] | None = None
+        #: A limited key's admission, released as the answer's last part goes out.
+        self.ticket: Ticket | None = None
+        self._limits: ClientLimits | None = None
+
+    def until_end(self, limits: ClientLimits, ticket: Ticket) -> None:
+        """Release the ticket of a limited key as the answer's last part goes out, so that a
+        client that goes on the moment an answer ends finds its place free (on every gateway)."""
+        self._limits, self.ticket = limits, ticket
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -163,6 +210,8 @@ class Watch:
                         self._events_usage(body)
                 elif b'"usage"' in body:
                     self._take_usage(_json(body))
+            if self.ticket is not None and self._limits is not None:
+                await self._limits.on_body(self.ticket, message, self.usage)
         await self._send(message)
 
     def _events_usage(self, body: bytes) -> None:
@@ -223,25 +272,29 @@ class EndpointHandler:
         stats = inference.stats
         req = current_request.get()
         try:
-            client = inference._guard.clients.name(inference._guard.client(headers))
+            kid = inference._guard.client(headers)
+            client = inference._guard.clients.name(kid)
+            policy = inference.policies.get(kid)
             if req is not None:
                 req.client = client
             query: bytes = scope.get("query_string", b"")
             if endpoint.model_in == "body":
                 body, data = await read_json_object(receive, headers, inference._max_body)
                 model = data.get("model")
-                route = inference.route_for(model)
+                route = inference.route_for(model) if policy is None else inference.for_client(model, policy)
                 if route.rewrite_model is not None and model != route.rewrite_model:
                     data["model"] = route.rewrite_model
                     body = orjson.dumps(data)
                 target = endpoint.upstream_path
+                if policy is not None and policy.tokens_per_minute and ask_usage(target, data):
+                    body = orjson.dumps(data)
                 if query:
                     target = f"{target}?{query.decode('latin-1')}"
             else:  # GET /props?model=...: no body; the model travels in the query
                 body = b""
                 params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
                 model = next((v for k, v in params if k == "model"), None)
-                route = inference.route_for(model)
+                route = inference.route_for(model) if policy is None else inference.for_client(model, policy)
                 if route.rewrite_model is not None:
                     params = [(k, route.rewrite_model if k == "model" else v) for k, v in params]
                     if model is None:
@@ -252,18 +305,29 @@ class EndpointHandler:
                 req.alias = alias
             out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
             out.reply_headers.append(inference._alias_header[alias])
+            ticket: Ticket | None = None
+            if policy is not None and policy.limited:
+                ticket = await inference.limits.admit(policy)  # else 429
+                watch.until_end(inference.limits, ticket)
             stats.inflight[alias] += 1
             try:
-                await cancel_on_disconnect(receive, inference.forward(route, out, watch))
+                await cancel_on_disconnect(receive, inference.forward(route, out, watch, policy))
             finally:
                 stats.inflight[alias] -= 1
+                if ticket is not None:
+                    await inference.limits.release(ticket, watch.usage)
             status = watch.status or 499  # 499: the client left before an answer
+        except RateLimited:
+            # The key's own limit: counted by key in the metrics, not an error of the fleet.
+            status = 429
+            error = LIMITED
+            raise
         except RoleMeshError as exc:
             status = exc.status
             error = exc.message
             raise
         finally:
-            if (status >= 500 or status == 429) and inference.on_error is not None:
+            if (status >= 500 or status == 429) and error is not LIMITED and inference.on_error is not None:
                 inference.on_error(
                     rid.decode("ascii"),
                     alias,

@@ -81,6 +81,8 @@ class Stats:
         self.client_requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         #: Requests another alias served (``fallbacks``), by from, to and reason.
         self.fallbacks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        #: Requests refused by a client key's own limits or model access, by key name and reason.
+        self.client_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -187,6 +189,13 @@ class Collector:
             "upstream_failed, unavailable, context_too_long).",
             ("from", "to", "reason"),
             s.fallbacks,
+        )
+        yield _counter(
+            "rolemesh_client_rejected",
+            "Requests refused by a client key's limits or model access, by key name and reason "
+            "(requests_per_minute, tokens_per_minute, max_concurrent, models).",
+            ("client", "reason"),
+            s.client_rejected,
         )
 
     def _nodes(self) -> Iterator[Metric]:

@@ -97,8 +97,31 @@ class DiscoveredModel(Closed):
 ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type")]
 
 
+class RateLimit(Closed):
+    """A client key's budgets per minute (fixed 60 s windows, see :mod:`.limits`)."""
+
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RateLimit:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("set requests_per_minute, tokens_per_minute or both")
+        return self
+
+
+class ClientKey(NamedKey):
+    """A named client key, optionally with its own limits and the models it may use."""
+
+    rate_limit: RateLimit | None = None
+    #: Requests of this key in flight at once (a stream counts until it ends); more get 429.
+    max_concurrent: Annotated[int, Field(gt=0)] | None = None
+    #: The aliases (or their openai_model_name) this key may see and use; none: all of them.
+    models: Annotated[tuple[Name, ...], Field(min_length=1)] | None = None
+
+
 class AuthSettings(Closed):
-    client_api_keys: tuple[KeyEntry, ...] = ()
+    client_api_keys: tuple[Key | ClientKey, ...] = ()
     node_api_keys: tuple[KeyEntry, ...] = ()
     #: Keys for operator endpoints (/metrics, GET /v1/nodes, ...); none: client keys do.
     admin_api_keys: tuple[KeyEntry, ...] = ()
@@ -117,6 +140,10 @@ class AuthSettings(Closed):
             raise ValueError("a key may not be both a node key and a client or admin key")
         if clients & admins:
             raise ValueError("a key may not be both a client key and an admin key")
+        named = [k.key for k in self.client_api_keys if isinstance(k, NamedKey)]
+        plain = [k for k in self.client_api_keys if not isinstance(k, NamedKey)]
+        if len(set(named)) != len(named) or set(named) & set(plain):  # which name and limits apply?
+            raise ValueError("auth.client_api_keys: a named key's key is listed twice")
         for kind, keys in (("client", self.client_api_keys), ("node", self.node_api_keys)):
             names = [k.name for k in keys if isinstance(k, NamedKey)]
             if len(names) != len(set(names)):
@@ -209,6 +236,13 @@ class Settings(Closed):
             )
         for alias in self.models:
             self.fallback_chain(alias)  # refuses unknown aliases, cycles, chains too long
+        for i, key in enumerate(self.auth.client_api_keys):
+            for j, name in enumerate(key.models or () if isinstance(key, ClientKey) else ()):
+                if name not in names:
+                    raise ValueError(
+                        f"auth.client_api_keys.{i}.models.{j}: '{name}' names no alias; "
+                        f"allowed: {', '.join(self.models)}"
+                    )
         return self
 
     def fallback_chain(self, alias: str) -> tuple[str, ...]:
@@ -240,6 +274,13 @@ class Settings(Closed):
 
         walk(alias, [alias])
         return tuple(chain)
+
+    def client_models(self, key: ClientKey) -> tuple[str, ...] | None:
+        """The aliases a client key may use, in its order (None: every alias)."""
+        if key.models is None:
+            return None
+        aliases = {name: a for a in self.models for name in (a, self.advertised_name(a))}
+        return tuple(dict.fromkeys(aliases[name] for name in key.models))
 
     @property
     def default_alias(self) -> str:

@@ -162,6 +162,16 @@ class RedisRegistry(MemoryRegistry):
     async def close(self) -> None:
         await self._redis.aclose()
 
+    @property
+    def redis(self) -> Any:
+        """The connection, for other shared state (the per-client limits)."""
+        return self._redis
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What a call raises when Redis cannot be reached."""
+        return self._errors
+
     # -- outages ----------------------------------------------------------------------------
     def _down(self, exc: BaseException) -> RegistryUnavailable:
         reason = str(exc) or exc.__class__.__name__
