@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -119,7 +120,7 @@ class Inference:
 class Watch:
     """The client's ``send``, seen on its way: status, first content, token usage."""
 
-    __slots__ = ("_rid", "_send", "first_at", "status", "stream", "usage")
+    __slots__ = ("_rid", "_send", "cache", "first_at", "status", "stream", "usage")
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
@@ -128,6 +129,8 @@ class Watch:
         self.stream = False
         self.first_at: float | None = None
         self.usage: tuple[int, int] | None = None
+        #: Prompt tokens the server took from its cache, and those it processed.
+        self.cache: tuple[int, int] | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -143,15 +146,15 @@ class Watch:
                 if self.stream:
                     if self.first_at is None and _CONTENT.search(body):
                         self.first_at = time.perf_counter()
-                    if b'"usage"' in body:
+                    if b'"usage"' in body or b'"timings"' in body:
                         self._events_usage(body)
-                elif b'"usage"' in body:
+                elif b'"usage"' in body or b'"timings"' in body:
                     self._take_usage(_json(body))
         await self._send(message)
 
     def _events_usage(self, body: bytes) -> None:
         for line in body.split(b"\n"):
-            if line.startswith(b"data:") and b'"usage"' in line:
+            if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
                 self._take_usage(_json(line[5:].strip()))
 
     def _take_usage(self, data: object) -> None:
@@ -159,6 +162,11 @@ class Watch:
         write it; a later report replaces an earlier one (a stream may repeat it)."""
         if not isinstance(data, dict):
             return
+        timings = data.get("timings")
+        if isinstance(timings, dict):  # llama-server: exact, and on its native endpoints too
+            cached, processed = timings.get("cache_n"), timings.get("prompt_n")
+            if type(cached) is int and type(processed) is int:
+                self.cache = (cached, processed)
         for where in (data, data.get("message"), data.get("response")):
             usage = where.get("usage") if isinstance(where, dict) else None
             if not isinstance(usage, dict):
@@ -170,6 +178,22 @@ class Watch:
                 prompt if type(prompt) is int else old[0],
                 completion if type(completion) is int else old[1],
             )
+            if not isinstance(timings, dict):
+                self._take_cached(usage)
+
+    def _take_cached(self, usage: dict[str, Any]) -> None:
+        """Cached prompt tokens as OpenAI (``prompt_tokens_details.cached_tokens``, included in
+        ``prompt_tokens``) or Anthropic (``cache_read_input_tokens``, beside ``input_tokens``)
+        report them."""
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if type(cached) is int and type(prompt) is int:
+            self.cache = (cached, max(prompt - cached, 0))
+            return
+        cached = usage.get("cache_read_input_tokens")
+        if type(cached) is int and type(prompt) is int:
+            self.cache = (cached, prompt)
 
 
 #: The first SSE event that carries content: chat and completions text, Anthropic text deltas.
@@ -223,6 +247,7 @@ class EndpointHandler:
                     target = f"{target}?{query.decode('latin-1')}"
             else:  # GET /props?model=...: no body; the model travels in the query
                 body = b""
+                data = None
                 params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
                 model = next((v for k, v in params if k == "model"), None)
                 route = inference.route_for(model)
@@ -235,6 +260,7 @@ class EndpointHandler:
             if req is not None:
                 req.alias = alias
             out = inference.outbound(endpoint.method, target, headers, body, self._anthropic, rid)
+            out.data = data
             stats.inflight[alias] += 1
             try:
                 await cancel_on_disconnect(receive, route.forward(out, watch))
@@ -257,6 +283,8 @@ class EndpointHandler:
             seconds = time.perf_counter() - started
             ttft = watch.first_at - started if watch.first_at is not None else None
             stats.finished(alias, endpoint.path, status, seconds, client, ttft, watch.usage)
+            if watch.cache is not None:
+                stats.prompt_cache(alias, watch.cache)
             if inference.access_log:
                 _access(req, endpoint, status, seconds, ttft, watch.usage)
 

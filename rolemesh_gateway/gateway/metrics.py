@@ -79,6 +79,7 @@ class Stats:
         self.queue_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.client_requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        self.prompt_cache_tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -106,6 +107,11 @@ class Stats:
         if usage is not None:
             self.tokens[(alias, client, "prompt")] += usage[0]
             self.tokens[(alias, client, "completion")] += usage[1]
+
+    def prompt_cache(self, alias: str, cache: tuple[int, int]) -> None:
+        """Prompt tokens a server took from its cache and those it processed, for one answer."""
+        self.prompt_cache_tokens[(alias, "cached")] += cache[0]
+        self.prompt_cache_tokens[(alias, "processed")] += cache[1]
 
 
 class Collector:
@@ -172,6 +178,12 @@ class Collector:
             "Tokens from the usage the upstream reported, by client key name.",
             ("alias", "client", "kind"),
             s.tokens,
+        )
+        yield _counter(
+            "rolemesh_prompt_cache_tokens",
+            "Prompt tokens the upstream took from its prompt cache (cached) or processed, from its usage.",
+            ("alias", "kind"),
+            s.prompt_cache_tokens,
         )
         yield _counter(
             "rolemesh_client_requests",
