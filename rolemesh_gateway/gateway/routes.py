@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -500,7 +500,7 @@ class DiscoveredRoute(Route):
                     return registry.usable(n, now) and n not in tried
 
                 if self.queue is None:
-                    node = self.strategy.choose(nodes, eligible, request)
+                    node = self._choose(nodes, eligible, request)
                     if node is None:
                         raise NoUpstreamAvailable(self._none_message(tried))
                     return node
@@ -509,7 +509,7 @@ class DiscoveredRoute(Route):
                     cap = n.slots_total
                     return eligible(n) and (not cap or n.inflight < cap)
 
-                node = self.strategy.choose(nodes, has_room, request)
+                node = self._choose(nodes, has_room, request)
                 if node is not None:
                     return node
                 if not any(eligible(n) for n in nodes):
@@ -525,6 +525,14 @@ class DiscoveredRoute(Route):
         finally:
             if self.queue is not None:
                 self.queue.leave(ticket)
+
+    def _choose(
+        self, nodes: Sequence[Node], eligible: Callable[[Node], bool], request: RoutingRequest | None
+    ) -> Node | None:
+        """Ask the strategy; ``request`` only goes to one that needs it (``cache_aware``)."""
+        if request is None:
+            return self.strategy.choose(nodes, eligible)
+        return self.strategy.choose(nodes, eligible, request)
 
     def _others_left(self, tried: list[Node]) -> bool:
         """Is there a node not tried yet that could take the request? (only on the failure path)"""
