@@ -72,7 +72,7 @@ class LlamaServerSpec(Closed):
     #: Start it with ``--metrics``, so the agent's ``/metrics`` carries its ``llamacpp:*`` series.
     metrics: bool = True
     #: ``--parallel``: slots, i.e. conversations served at once, each keeping its prompt in the KV
-    #: cache for its next turn (the KV cache is unified: slots share the context, none shrinks).
+    #: cache for its next turn (with ``--kv-unified``: the slots share the context, none shrinks).
     slots: Annotated[int, Field(ge=1, le=256)] | None = DEFAULT_SLOTS
     #: ``--cache-ram`` (MiB): host RAM where idle slots' prompts are kept, so more conversations
     #: than slots find their prefix again (llama-server's own default is 8192).

@@ -329,6 +329,10 @@ def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
     given = {a.split("=", 1)[0] for a in spec.args}
     if spec.slots is not None and not given & {"-np", "--parallel"}:
         argv += ["--parallel", str(spec.slots)]
+        if not given & {"-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"}:
+            # One KV pool for all slots (what llama-server does when it picks the slot count
+            # itself): a long conversation may use the whole context, not a quarter of it.
+            argv.append("--kv-unified")
     if spec.prompt_cache_mib is not None and not given & {"-cram", "--cache-ram"}:
         argv += ["--cache-ram", str(spec.prompt_cache_mib)]
     return argv + list(spec.args)

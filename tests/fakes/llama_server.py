@@ -21,6 +21,7 @@ p.add_argument("--alias")
 p.add_argument("--metrics", action="store_true")
 p.add_argument("--parallel", "-np", type=int)  # accepted as llama-server does; --slots sets ours
 p.add_argument("--cache-ram", "-cram", type=int)
+p.add_argument("--kv-unified", "-kvu", action="store_true")
 p.add_argument("--load-delay", type=float, default=0.0)
 p.add_argument("--crash", type=int, default=None)
 p.add_argument("--ignore-term", action="store_true")
