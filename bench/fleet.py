@@ -164,9 +164,11 @@ class Fleet:
         model: Path,
         nodes: int,
         src: Path | None,
+        cache_mib: int | None,
     ) -> None:
         self.work, self.python, self.say = work, python, say
         self.binary, self.model, self.nodes, self.src = binary, model, nodes, src
+        self.cache_mib = cache_mib
         self.redis: Proc | None = None
         self.redis_url = ""
 
@@ -213,6 +215,7 @@ class Fleet:
                         "model": str(self.model),
                         "binary": self.binary,
                         "args": ["-c", str(MODEL_CTX), "-t", "1", "--chat-template", "chatml"],
+                        **({"prompt_cache_mib": self.cache_mib} if self.cache_mib is not None else {}),
                     }
                 }
             },
@@ -369,15 +372,16 @@ def run(
     say: Callable[[str], None],
     src: Path | None = None,
     nodes: int = 2,
-    conversations: int = 8,
+    conversations: int = 6,
     turns: int = 8,
     chart: Path | None = None,
+    cache_mib: int | None = None,
 ) -> dict[str, Any]:
     if quick:
         conversations, turns = 2, 2
     binary = llama_server(say)
     model = fleet_model(python, say)
-    fleet = Fleet(work, python, say, binary, model, nodes, src)
+    fleet = Fleet(work, python, say, binary, model, nodes, src, cache_mib)
     load_before = os.getloadavg()
     rows = []
     try:
@@ -402,6 +406,7 @@ def run(
         "load_after": os.getloadavg(),
         "model": model.name,
         "model_mb": model.stat().st_size / 1e6,
+        "cache_mib": cache_mib,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if chart is not None:
@@ -471,7 +476,8 @@ def render(r: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`; run {r['when']}. {r['nodes']} node agents, each with one real "
         f"llama-server (`-t 1`, pinned to a CPU of its own with `taskset`, the agent's default "
-        f"4 slots, unified KV, 2 GiB prompt-cache RAM), model `{r['model']}` ({r['model_mb']:.0f} MB, "
+        f"4 slots and unified KV, prompt-cache RAM {r['cache_mib'] or 2048} MiB), "
+        f"model `{r['model']}` ({r['model_mb']:.0f} MB, "
         f"random weights, {DIMS['layers']} layers, width {DIMS['width']}). {r['conversations']} "
         f"concurrent conversations x {r['turns']} turns: a shared ~800-token system prompt, a "
         f"~250-token user message per turn, {MAX_TOKENS}-token answers, streamed. Every row starts on "

@@ -70,9 +70,10 @@ class Options:
     soak_s: float = 600.0
     #: The fleet case (only with ``--cases fleet``): nodes, conversations, turns, chart path.
     fleet_nodes: int = 2
-    fleet_conversations: int = 8
+    fleet_conversations: int = 6
     fleet_turns: int = 8
     fleet_chart: Path | None = None
+    fleet_cache_mib: int | None = None
 
 
 @dataclass
@@ -397,6 +398,7 @@ class Bench:
             o.fleet_conversations,
             o.fleet_turns,
             o.fleet_chart,
+            o.fleet_cache_mib,
         )
 
     def run(self) -> None:
@@ -477,7 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         "or soak, routing, fleet (never run unless named here)",
     )
     p.add_argument("--fleet-nodes", type=int, default=2, help="fleet: node agents (default 2)")
-    p.add_argument("--fleet-conversations", type=int, default=8, help="fleet: conversations at once")
+    p.add_argument("--fleet-conversations", type=int, default=6, help="fleet: conversations at once")
+    p.add_argument(
+        "--fleet-cache-mib",
+        type=int,
+        default=None,
+        help="fleet: each llama-server's prompt-cache RAM (--cache-ram, MiB; default: the agent's, 2048)",
+    )
     p.add_argument("--fleet-turns", type=int, default=8, help="fleet: turns per conversation")
     p.add_argument(
         "--fleet-chart",
@@ -499,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet_conversations=args.fleet_conversations,
         fleet_turns=args.fleet_turns,
         fleet_chart=Path(args.fleet_chart).resolve() if args.fleet_chart else None,
+        fleet_cache_mib=args.fleet_cache_mib,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)

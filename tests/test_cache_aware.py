@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from rolemesh_gateway.common.errors import ConfigError, UpstreamUnreachable
+from rolemesh_gateway.common.errors import ConfigError, QueueTimeout, UpstreamUnreachable
 from rolemesh_gateway.gateway.cache_aware import (
     CacheAware,
     CacheAwareConfig,
@@ -88,8 +88,10 @@ def test_the_next_turn_goes_to_the_node_that_served_the_previous_one() -> None:
     assert node is not None
     ca.learn(node, first)
     second = req(chat("plan a trip to Rome " * 20, "Day 1: the Forum", "and day 2?"))
-    # Even when that node is the busiest (within the balance thresholds), it wins.
-    loads.counts[node] = 5
+    # Even when that node is the busiest (within the balance thresholds and the load bound,
+    # ceil(1.25 * (7 + 1) / 3) = 4), it wins.
+    loads.counts.update({"a": 2, "b": 2, "c": 2})
+    loads.counts[node] = 3
     assert {ca.choose(NODES, anyone, second) for _ in range(10)} == {node}
 
 
@@ -104,7 +106,7 @@ def test_a_short_match_goes_to_the_least_loaded_node() -> None:
 
 
 def test_the_threshold_is_configurable() -> None:
-    loads = Loads(a=3, b=0, c=0)
+    loads = Loads(a=1, b=1, c=0)
     prompt = chat("question " * 100, system="s")
     longer = chat("question " * 100, "answer " * 100, "more " * 150, system="s")  # known: < 50%
     strict = loads.strategy()
@@ -121,8 +123,9 @@ def test_out_of_balance_goes_to_the_least_loaded_node_whatever_the_match() -> No
     conv = req(chat("long conversation " * 50))
     ca.learn("a", conv)
     assert ca.choose(NODES, anyone, conv) == "b"
-    # Both thresholds must be crossed: 40 vs 20 is 20 apart, below balance_abs=32.
-    loads.counts["b"], loads.counts["c"] = 20, 15
+    # Both thresholds must be crossed: 24 vs 15 is 9 apart, below balance_abs=32 (and 24 is
+    # under the load bound, ceil(1.25 * 60 / 3) = 25).
+    loads.counts["a"], loads.counts["b"], loads.counts["c"] = 24, 20, 15
     assert ca.choose(NODES, anyone, conv) == "a"
     # A smaller absolute threshold makes the same loads out of balance.
     tight = loads.strategy(CacheAwareConfig(balance_abs=4))
@@ -199,6 +202,7 @@ def test_the_session_ring_is_the_same_on_every_gateway() -> None:
 
 
 def test_a_session_spills_to_the_next_node_when_its_own_is_overloaded() -> None:
+    """Bounded load: a node may carry at most ceil(1.25 * (in flight + 1) / nodes)."""
     loads = Loads(a=2, b=2, c=2)
     ca = loads.strategy()
     r = req(chat("hi"), session=b"user-42")
@@ -268,3 +272,40 @@ def test_routing_an_8kb_chat_costs_little() -> None:
     for _ in range(200):
         ca.choose(NODES, anyone, routing_request(data, [], 128))
     assert (time.perf_counter() - started) / 200 < 0.001
+
+
+def test_the_node_holding_a_conversation_takes_it_even_with_its_slots_busy() -> None:
+    async def go() -> None:
+        f = Fleet(make_settings({"strategy": "cache_aware", "queue": {"max_size": 5, "max_wait_s": 0.2}}))
+        a, b = await f.add("a", slots_total=1), await f.add("b", slots_total=1)
+        f.client.on(url("a"), Reply.json(200, {"ok": 1}))
+        f.client.on(url("b"), Reply.json(200, {"ok": 1}))
+        conv = chat("a long question " * 40)
+        await f.chat.forward(outbound(conv), Sent())
+        home = f.client.calls[-1].url
+        home_node, other = (a, b) if home == url("a") else (b, a)
+        home_node.inflight = 1  # its only slot is busy: llama-server will queue the next turn
+        await f.chat.forward(outbound(chat("a long question " * 40, "yes", "go on")), Sent())
+        assert f.client.calls[-1].url == home
+        # A new conversation (nothing known but the shared system prompt) goes where there is room.
+        await f.chat.forward(outbound(chat("unrelated " * 300, system="x")), Sent())
+        assert f.client.calls[-1].url == url(other.node_id)
+        # Every node full and nothing held: the request waits in the queue like least_busy's.
+        other.inflight = 1
+        with pytest.raises(QueueTimeout):
+            await f.chat.forward(outbound(chat("another " * 300, system="y")), Sent())
+
+    run(go())
+
+
+def test_a_shared_system_prompt_does_not_draw_every_new_conversation_to_one_node() -> None:
+    loads = Loads()
+    ca = loads.strategy()
+    ca.learn("a", req(chat("conversation 0: first question")))  # a served the shared prompt first
+    picks: Counter[str] = Counter()
+    for i in range(1, 10):  # new conversations arrive while the earlier ones are in flight
+        node = ca.choose(NODES, anyone, req(chat(f"conversation {i}: first question")))
+        assert node is not None
+        loads.counts[node] += 1
+        picks[node] += 1
+    assert set(picks) == set(NODES) and max(picks.values()) <= 4

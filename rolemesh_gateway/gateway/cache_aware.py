@@ -18,8 +18,13 @@ whole prompt again. This strategy remembers, per role, which node has seen which
   least loaded node.
 * **Sessions.** A request with an explicit session key (``X-Session-Id``, or the body's
   ``user``) is pinned by consistent hashing (a ring with virtual nodes, stable across
-  gateways) with bounded load: a node already carrying more than ``session_load_factor`` times
-  the average is passed over for the next one on the ring.
+  gateways).
+* **Bounded load.** Neither a prefix match nor a session may put more than ``load_factor``
+  times the average in-flight count on one node (``ceil(load_factor * (in flight + 1) /
+  nodes)``): the next best match, or the next node on the ring, takes the request. Without it
+  a long system prompt shared by every conversation would draw each new conversation to the
+  first node that served it (SGLang leans on its balance thresholds, which a small fleet of
+  single-slot CPU servers never reaches).
 
 What is learnt comes from the node that actually answered (after a failover, the second node),
 and only from answers that were not errors. The cost is a few hash and dict operations per
@@ -56,7 +61,7 @@ class CacheAwareConfig:
     balance_rel: float = 1.1
     max_entries: int = 65536
     block_chars: int = 128
-    session_load_factor: float = 1.25
+    load_factor: float = 1.25
 
 
 @dataclass(slots=True)
@@ -155,6 +160,9 @@ class CacheAware:
         self._members: Sequence[Any] = ()
         self._ring: list[tuple[int, int]] = []  # (point, index into _members)
         self._counter = itertools.count()
+        #: Why the last :meth:`choose` picked its node: ``prefix`` or ``session`` (the node holds
+        #: the conversation), ``balance`` or ``least_loaded``. Read right after the call.
+        self.reason = ""
 
     def __len__(self) -> int:
         """How many prefix keys the map holds (at most ``max_entries``)."""
@@ -210,25 +218,29 @@ class CacheAware:
         candidates = [n for n in nodes if eligible(n)]
         if not candidates:
             return None
-        if len(candidates) == 1:
-            return candidates[0]
         cfg = self.config
         counts = [self._inflight(n) for n in candidates]
         most, least = max(counts), min(counts)
         if most - least > cfg.balance_abs and most > cfg.balance_rel * least:
+            self.reason = "balance"
             return self._least_loaded(candidates)
         if request is not None:
+            bound = math.ceil(cfg.load_factor * (sum(counts) + 1) / len(candidates))
             if request.session is not None:
-                pinned = self._pinned(request.session, candidates, sum(counts))
+                pinned = self._pinned(request.session, candidates, bound)
                 if pinned is not None:
+                    self.reason = "session"
                     return pinned
-            best = self._best_match(request, eligible)
+            best = self._best_match(request, eligible, bound)
             if best is not None:
+                self.reason = "prefix"
                 return best
+        self.reason = "least_loaded"
         return self._least_loaded(candidates)
 
-    def _best_match(self, request: RoutingRequest, eligible: Callable[[T], bool]) -> T | None:
-        """The eligible node with the longest prefix of ``request``, if it covers enough."""
+    def _best_match(self, request: RoutingRequest, eligible: Callable[[T], bool], bound: int) -> T | None:
+        """The eligible node with the longest prefix of ``request`` (if it covers enough) and
+        fewer than ``bound`` requests in flight."""
         if not request.chars:
             return None
         table = self._map
@@ -242,18 +254,17 @@ class CacheAware:
         for entry, end in reversed(found):  # deepest first; shallower ones only if none can take it
             if end < need:
                 return None
-            nodes: list[T] = [n for n in entry if eligible(n)]
+            nodes: list[T] = [n for n in entry if eligible(n) and self._inflight(n) < bound]
             if nodes:
                 return nodes[0] if len(nodes) == 1 else self._least_loaded(nodes)
         return None
 
-    def _pinned(self, session: str, candidates: list[T], total: int) -> T | None:
-        """The session's node on the ring, passing over nodes above the load bound."""
+    def _pinned(self, session: str, candidates: list[T], bound: int) -> T | None:
+        """The session's node on the ring, passing over nodes at the load bound."""
         ring = self._ring
         if not ring:
             return None
         allowed = set(candidates)
-        bound = math.ceil(self.config.session_load_factor * (total + 1) / len(candidates))
         members = self._members
         start = bisect.bisect_left(ring, (_stable_hash(session), -1))
         seen: set[int] = set()
@@ -263,7 +274,7 @@ class CacheAware:
                 continue
             seen.add(index)
             node: T = members[index]
-            if node in allowed and self._inflight(node) + 1 <= bound:
+            if node in allowed and self._inflight(node) < bound:
                 return node
             if len(seen) == len(members):
                 break

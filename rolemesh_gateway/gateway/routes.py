@@ -271,6 +271,9 @@ class PassiveHealth:
             node.ejections = 0
 
 
+#: Why ``cache_aware`` chose a node that holds the conversation (see :meth:`DiscoveredRoute._pick`).
+HOLDS = frozenset({"prefix", "session"})
+
 #: Answers that say the node cannot serve now (llama-server's 503 while it loads a model).
 NODE_UNWELL = frozenset({502, 503, 504})
 
@@ -509,7 +512,16 @@ class DiscoveredRoute(Route):
                     cap = n.slots_total
                     return eligible(n) and (not cap or n.inflight < cap)
 
-                node = self._choose(nodes, has_room, request)
+                if self._cache is not None and request is not None:
+                    node = self._cache.choose(nodes, eligible, request)
+                    # The node that holds the conversation takes it even when its slots are
+                    # busy (llama-server queues it behind them, which costs less than the whole
+                    # prompt elsewhere; the balance thresholds bound this). The least loaded
+                    # node being full means every node is: wait.
+                    if node is not None and not has_room(node) and self._cache.reason not in HOLDS:
+                        node = None
+                else:
+                    node = self._choose(nodes, has_room, request)
                 if node is not None:
                     return node
                 if not any(eligible(n) for n in nodes):

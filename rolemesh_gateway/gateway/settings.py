@@ -74,8 +74,9 @@ class CacheAwareSettings(Closed):
     max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 65536
     #: Characters per block of prompt text (one key each).
     block_chars: Annotated[int, Field(ge=16, le=65536)] = 128
-    #: A session's node is passed over when it carries more than this times the average load.
-    session_load_factor: Annotated[float, Field(gt=1.0)] = 1.25
+    #: A node is passed over for a prefix match or a session when taking the request would put
+    #: more than this times the average in-flight count on it.
+    load_factor: Annotated[float, Field(gt=1.0)] = 1.25
 
 
 class ProxyModel(Closed):
