@@ -40,41 +40,14 @@ import aiohttp
 
 from .e2e import AGENT, CACHE, llama_server
 from .procs import Proc, free_port
+from .routing import words
 from .targets import CLIENT_KEY, NODE_KEY, REPO, source_env, start_rolemesh
 
 #: The model's shape (scripts/make_tiny_model.py options) and its declared context.
 DIMS = {"layers": 4, "width": 256}
 MODEL_CTX = 16384
-WORDS = [
-    "plan",
-    "write",
-    "check",
-    "tool",
-    "result",
-    "value",
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "order",
-    "report",
-    "invoice",
-    "customer",
-    "shipment",
-    "status",
-    "error",
-    "retry",
-    "budget",
-    "schedule",
-    "owner",
-    "review",
-    "draft",
-    "summary",
-    "table",
-    "column",
-]
 SYSTEM_WORDS = 600
-USER_WORDS = 190
+USER_WORDS = 80
 MAX_TOKENS = 8
 
 
@@ -121,10 +94,6 @@ def fleet_model(python: str, say: Callable[[str], None]) -> Path:
         )
         partial.rename(path)
     return path
-
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 def _get(url: str, path: str) -> Any:
@@ -189,7 +158,7 @@ class Fleet:
                 raise TimeoutError("redis-server did not answer within 10 s")
             time.sleep(0.1)
 
-    def config(self, row: Row, index: int) -> dict[str, Any]:
+    def config(self, row: Row, index: int, seed: int) -> dict[str, Any]:
         cfg: dict[str, Any] = {
             "version": 1,
             "default_model": "planner",
@@ -197,7 +166,11 @@ class Fleet:
             "models": {"planner": {"type": "discovered", "role": "planner", "strategy": row.strategy}},
         }
         if row.gateways > 1:
-            cfg["registry"] = {"backend": "redis", "redis_url": self.redis_url, "key_prefix": f"fleet{index}"}
+            cfg["registry"] = {
+                "backend": "redis",
+                "redis_url": self.redis_url,
+                "key_prefix": f"fleet{index}r{seed}",
+            }
         return cfg
 
     def agent(self, gw_url: str, i: int) -> Proc:
@@ -227,13 +200,16 @@ class Fleet:
         argv = ["taskset", "-c", str(cpus[i % len(cpus)]), str(AGENT), "--config", str(path)]
         return Proc(f"fleet-agent-{i + 1}", argv, self.work, env=env, cwd=cwd)
 
-    def row(self, row: Row, index: int, conversations: int, turns: int) -> dict[str, Any]:
+    def row(
+        self, row: Row, index: int, conversations: int, turns: int, seed: int
+    ) -> tuple[list[Turn], float, Counter[str]]:
+        """One run of the workload on fresh nodes: every turn, the wall time, requests per node."""
         procs: list[Proc] = []
         try:
             gws: list[str] = []
             for g in range(row.gateways):
                 proc, url = start_rolemesh(
-                    self.work, self.python, f"fleet-gw-{index}-{g}", self.config(row, index), self.src
+                    self.work, self.python, f"fleet-gw-{index}-{g}", self.config(row, index, seed), self.src
                 )
                 procs.append(proc)
                 gws.append(url)
@@ -248,7 +224,7 @@ class Fleet:
                     raise TimeoutError("the fleet's nodes were not all fresh after 120 s")
                 time.sleep(0.25)
             started = time.perf_counter()
-            done = asyncio.run(_workload(gws, conversations, turns, row.session))
+            done = asyncio.run(_workload(gws, conversations, turns, row.session, seed))
             wall = time.perf_counter() - started
             served: Counter[str] = Counter()
             for url in gws:
@@ -256,24 +232,22 @@ class Fleet:
         finally:
             for p in reversed(procs):
                 p.stop(30)
-        return _summary(row, done, wall, served, self.nodes, turns)
+        return done, wall, served
 
 
-async def _workload(gws: list[str], conversations: int, turns: int, session: bool) -> list[Turn]:
+async def _workload(gws: list[str], conversations: int, turns: int, session: bool, seed: int) -> list[Turn]:
     counter = iter(range(10**9))
     out: list[Turn] = []
-    system = "You are the operations agent. Follow the rules below.\n" + _words(
-        random.Random(0), SYSTEM_WORDS
-    )
+    system = "You are the operations agent. Follow the rules below.\n" + words(random.Random(0), SYSTEM_WORDS)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout) as http:
 
         async def talk(c: int) -> None:
-            rng = random.Random(1000 + c)
+            rng = random.Random(seed * 1000 + c)
             await asyncio.sleep(rng.uniform(0, 0.5))
             messages: list[dict[str, str]] = [{"role": "system", "content": system}]
             for t in range(turns):
-                messages.append({"role": "user", "content": f"Task {c} step {t}: " + _words(rng, USER_WORDS)})
+                messages.append({"role": "user", "content": f"Task {c} step {t}: " + words(rng, USER_WORDS)})
                 url = gws[next(counter) % len(gws)]
                 headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
                 if session:
@@ -281,7 +255,7 @@ async def _workload(gws: list[str], conversations: int, turns: int, session: boo
                 turn, answer = await _ask(http, url, headers, messages, c, t)
                 out.append(turn)
                 messages.append({"role": "assistant", "content": answer})
-                await asyncio.sleep(rng.uniform(0, 0.3))  # the agent acts on the answer
+                await asyncio.sleep(rng.uniform(0.1, 0.6))  # the agent acts on the answer
 
         await asyncio.gather(*(talk(c) for c in range(conversations)))
     return out
@@ -373,12 +347,13 @@ def run(
     src: Path | None = None,
     nodes: int = 2,
     conversations: int = 6,
-    turns: int = 8,
+    turns: int = 10,
     chart: Path | None = None,
     cache_mib: int | None = None,
+    reps: int = 2,
 ) -> dict[str, Any]:
     if quick:
-        conversations, turns = 2, 2
+        conversations, turns, reps = 2, 2, 1
     binary = llama_server(say)
     model = fleet_model(python, say)
     fleet = Fleet(work, python, say, binary, model, nodes, src, cache_mib)
@@ -388,7 +363,15 @@ def run(
         fleet.start_redis()
         for index, row in enumerate(ROWS):
             say(f"fleet: {row.label} ({conversations} conversations x {turns} turns, {nodes} nodes)")
-            result = fleet.row(row, index, conversations, turns)
+            done: list[Turn] = []
+            wall = 0.0
+            served: Counter[str] = Counter()
+            for r in range(reps):  # the same conversations for every strategy (seed = rep)
+                d, w, s = fleet.row(row, index, conversations, turns, r + 1)
+                done += d
+                wall += w
+                served.update(s)
+            result = _summary(row, done, wall, served, nodes, turns)
             say(
                 f"fleet: {row.label}: TTFT p50 {result['ttft_p50_ms']:.0f} ms, "
                 f"hit rate {result['hit_rate']:.0%}, max node share {result['max_share']:.0%}"
@@ -402,6 +385,7 @@ def run(
         "nodes": nodes,
         "conversations": conversations,
         "turns": turns,
+        "reps": reps,
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "model": model.name,
@@ -479,9 +463,10 @@ def render(r: dict[str, Any], command: str) -> str:
         f"4 slots and unified KV, prompt-cache RAM {r['cache_mib'] or 2048} MiB), "
         f"model `{r['model']}` ({r['model_mb']:.0f} MB, "
         f"random weights, {DIMS['layers']} layers, width {DIMS['width']}). {r['conversations']} "
-        f"concurrent conversations x {r['turns']} turns: a shared ~800-token system prompt, a "
-        f"~250-token user message per turn, {MAX_TOKENS}-token answers, streamed. Every row starts on "
-        f"fresh nodes (empty caches). Machine load average before / after: "
+        f"concurrent conversations x {r['turns']} turns: a shared ~700-token system prompt, a "
+        f"~100-token user message per turn, {MAX_TOKENS}-token answers, streamed, 0.1-0.6 s between "
+        f"an answer and the next turn; {r['reps']} runs per row, each on fresh nodes (empty "
+        f"caches), pooled. Machine load average before / after: "
         f"{lb[0]:.2f} / {la[0]:.2f} (other work shares these 2 cores).",
         "",
         "| strategy | TTFT p50 (ms) | TTFT p95 (ms) | completion tokens/s | prompt cache hit rate | "

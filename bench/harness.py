@@ -71,9 +71,10 @@ class Options:
     #: The fleet case (only with ``--cases fleet``): nodes, conversations, turns, chart path.
     fleet_nodes: int = 2
     fleet_conversations: int = 6
-    fleet_turns: int = 8
+    fleet_turns: int = 10
     fleet_chart: Path | None = None
     fleet_cache_mib: int | None = None
+    fleet_reps: int = 2
 
 
 @dataclass
@@ -399,6 +400,7 @@ class Bench:
             o.fleet_turns,
             o.fleet_chart,
             o.fleet_cache_mib,
+            o.fleet_reps,
         )
 
     def run(self) -> None:
@@ -486,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fleet: each llama-server's prompt-cache RAM (--cache-ram, MiB; default: the agent's, 2048)",
     )
-    p.add_argument("--fleet-turns", type=int, default=8, help="fleet: turns per conversation")
+    p.add_argument("--fleet-turns", type=int, default=10, help="fleet: turns per conversation")
+    p.add_argument("--fleet-reps", type=int, default=2, help="fleet: runs per strategy, pooled")
     p.add_argument(
         "--fleet-chart",
         default=str(REPO / "docs" / "fleet-ttft-by-turn.png"),
@@ -508,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet_turns=args.fleet_turns,
         fleet_chart=Path(args.fleet_chart).resolve() if args.fleet_chart else None,
         fleet_cache_mib=args.fleet_cache_mib,
+        fleet_reps=args.fleet_reps,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)
