@@ -255,7 +255,7 @@ async def _workload(gws: list[str], conversations: int, turns: int, session: boo
                 turn, answer = await _ask(http, url, headers, messages, c, t)
                 out.append(turn)
                 messages.append({"role": "assistant", "content": answer})
-                await asyncio.sleep(rng.uniform(0.1, 0.6))  # the agent acts on the answer
+                await asyncio.sleep(rng.uniform(0.3, 1.0))  # the agent acts on the answer
 
         await asyncio.gather(*(talk(c) for c in range(conversations)))
     return out
@@ -350,7 +350,7 @@ def run(
     turns: int = 10,
     chart: Path | None = None,
     cache_mib: int | None = None,
-    reps: int = 2,
+    reps: int = 3,
 ) -> dict[str, Any]:
     if quick:
         conversations, turns, reps = 2, 2, 1
@@ -358,28 +358,34 @@ def run(
     model = fleet_model(python, say)
     fleet = Fleet(work, python, say, binary, model, nodes, src, cache_mib)
     load_before = os.getloadavg()
-    rows = []
+    done: dict[int, list[Turn]] = {i: [] for i in range(len(ROWS))}
+    wall = dict.fromkeys(range(len(ROWS)), 0.0)
+    served: dict[int, Counter[str]] = {i: Counter() for i in range(len(ROWS))}
     try:
         fleet.start_redis()
-        for index, row in enumerate(ROWS):
-            say(f"fleet: {row.label} ({conversations} conversations x {turns} turns, {nodes} nodes)")
-            done: list[Turn] = []
-            wall = 0.0
-            served: Counter[str] = Counter()
-            for r in range(reps):  # the same conversations for every strategy (seed = rep)
-                d, w, s = fleet.row(row, index, conversations, turns, r + 1)
-                done += d
-                wall += w
-                served.update(s)
-            result = _summary(row, done, wall, served, nodes, turns)
-            say(
-                f"fleet: {row.label}: TTFT p50 {result['ttft_p50_ms']:.0f} ms, "
-                f"hit rate {result['hit_rate']:.0%}, max node share {result['max_share']:.0%}"
-            )
-            rows.append(result)
+        for r in range(reps):
+            # Every strategy runs the same conversations (seed = r); the order rotates from one
+            # round to the next so that a burst of other work on the machine hits each alike.
+            order = list(range(len(ROWS)))
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for index in order:
+                row = ROWS[index]
+                say(
+                    f"fleet round {r + 1}/{reps}: {row.label} ({conversations} conversations x {turns} turns)"
+                )
+                d, w, got = fleet.row(row, index, conversations, turns, r + 1)
+                done[index] += d
+                wall[index] += w
+                served[index].update(got)
     finally:
         if fleet.redis is not None:
             fleet.redis.stop()
+    rows = [_summary(row, done[i], wall[i], served[i], nodes, turns) for i, row in enumerate(ROWS)]
+    for result in rows:
+        say(
+            f"fleet: {result['label']}: TTFT p50 {result['ttft_p50_ms']:.0f} ms, "
+            f"hit rate {result['hit_rate']:.0%}, max node share {result['max_share']:.0%}"
+        )
     out = {
         "rows": rows,
         "nodes": nodes,
@@ -464,9 +470,9 @@ def render(r: dict[str, Any], command: str) -> str:
         f"model `{r['model']}` ({r['model_mb']:.0f} MB, "
         f"random weights, {DIMS['layers']} layers, width {DIMS['width']}). {r['conversations']} "
         f"concurrent conversations x {r['turns']} turns: a shared ~700-token system prompt, a "
-        f"~100-token user message per turn, {MAX_TOKENS}-token answers, streamed, 0.1-0.6 s between "
-        f"an answer and the next turn; {r['reps']} runs per row, each on fresh nodes (empty "
-        f"caches), pooled. Machine load average before / after: "
+        f"~100-token user message per turn, {MAX_TOKENS}-token answers, streamed, 0.3-1.0 s between "
+        f"an answer and the next turn; {r['reps']} rounds, each running every row once on fresh "
+        f"nodes (empty caches), in rotating order; samples pooled. Machine load average before / after: "
         f"{lb[0]:.2f} / {la[0]:.2f} (other work shares these 2 cores).",
         "",
         "| strategy | TTFT p50 (ms) | TTFT p95 (ms) | completion tokens/s | prompt cache hit rate | "

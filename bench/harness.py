@@ -74,7 +74,7 @@ class Options:
     fleet_turns: int = 10
     fleet_chart: Path | None = None
     fleet_cache_mib: int | None = None
-    fleet_reps: int = 2
+    fleet_reps: int = 3
 
 
 @dataclass
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fleet: each llama-server's prompt-cache RAM (--cache-ram, MiB; default: the agent's, 2048)",
     )
     p.add_argument("--fleet-turns", type=int, default=10, help="fleet: turns per conversation")
-    p.add_argument("--fleet-reps", type=int, default=2, help="fleet: runs per strategy, pooled")
+    p.add_argument("--fleet-reps", type=int, default=3, help="fleet: rounds (each runs every strategy)")
     p.add_argument(
         "--fleet-chart",
         default=str(REPO / "docs" / "fleet-ttft-by-turn.png"),

@@ -239,6 +239,8 @@ def test_route_learns_on_the_node_that_actually_served_after_a_failover() -> Non
         for _ in range(4):
             await f.chat.forward(outbound(chat("a long first question " * 30, "yes", "more")), Sent())
         assert [c.url for c in f.client.calls] == [url("b")] * 4
+        # rolemesh_cache_aware_decisions_total says why: the first turn by least load, then prefix.
+        assert f.chat.stats.cache_decisions[("chat", "prefix")] == 5
 
     run(go())
 

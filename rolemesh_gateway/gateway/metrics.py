@@ -80,6 +80,8 @@ class Stats:
         self.tokens: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.client_requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self.prompt_cache_tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
+        #: cache_aware: why each request went where it did (prefix, session, balance, least_loaded).
+        self.cache_decisions: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -184,6 +186,12 @@ class Collector:
             "Prompt tokens the upstream took from its prompt cache (cached) or processed, from its usage.",
             ("alias", "kind"),
             s.prompt_cache_tokens,
+        )
+        yield _counter(
+            "rolemesh_cache_aware_decisions",
+            "cache_aware: requests routed by prefix match, session, load balance or least load.",
+            ("alias", "reason"),
+            s.cache_decisions,
         )
         yield _counter(
             "rolemesh_client_requests",

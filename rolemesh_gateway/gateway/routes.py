@@ -506,6 +506,8 @@ class DiscoveredRoute(Route):
                     node = self._choose(nodes, eligible, request)
                     if node is None:
                         raise NoUpstreamAvailable(self._none_message(tried))
+                    if self._cache is not None:
+                        self.stats.cache_decisions[(self.alias, self._cache.reason)] += 1
                     return node
 
                 def has_room(n: Node) -> bool:
@@ -520,6 +522,8 @@ class DiscoveredRoute(Route):
                     # node being full means every node is: wait.
                     if node is not None and not has_room(node) and self._cache.reason not in HOLDS:
                         node = None
+                    if node is not None:
+                        self.stats.cache_decisions[(self.alias, self._cache.reason)] += 1
                 else:
                     node = self._choose(nodes, has_room, request)
                 if node is not None:
