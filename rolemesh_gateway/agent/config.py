@@ -74,8 +74,8 @@ class LlamaServerSpec(Closed):
     #: ``--parallel``: slots, i.e. conversations served at once, each keeping its prompt in the KV
     #: cache for its next turn (with ``--kv-unified``: the slots share the context, none shrinks).
     slots: Annotated[int, Field(ge=1, le=256)] | None = DEFAULT_SLOTS
-    #: ``--cache-ram`` (MiB): host RAM where idle slots' prompts are kept, so more conversations
-    #: than slots find their prefix again (llama-server's own default is 8192).
+    #: ``--cache-ram`` (MiB): host RAM where llama-server keeps idle slots' prompts, to restore
+    #: one when its conversation comes back (llama-server's own default is 8192).
     prompt_cache_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = DEFAULT_PROMPT_CACHE_MIB
 
 
