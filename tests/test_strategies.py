@@ -35,6 +35,6 @@ def test_least_busy_prefers_lowest_load() -> None:
 
 
 def test_registry_of_names_builds_each_strategy() -> None:
-    assert set(STRATEGIES) == {"round_robin", "random", "least_busy"}
+    assert set(STRATEGIES) == {"round_robin", "random", "least_busy", "cache_aware"}
     for name in STRATEGIES:
         assert make_strategy(name, lambda n: 0.0).choose(["x"], lambda n: True) == "x"

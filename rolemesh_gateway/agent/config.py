@@ -47,6 +47,10 @@ LLAMA_SERVER_ENV = "ROLE_MESH_LLAMA_SERVER"
 TLS_ENV_PREFIX = "ROLE_MESH_AGENT"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8091
+#: Slots and prompt-cache RAM a llama-server gets unless the role says otherwise (README
+#: "Cache-aware routing": several conversations stay cached per node).
+DEFAULT_SLOTS = 4
+DEFAULT_PROMPT_CACHE_MIB = 2048
 #: Arguments the agent sets itself; a role may not pass them in ``args``.
 _RESERVED_ARGS = ("--host", "--port", "-m", "--model")
 
@@ -70,6 +74,12 @@ class LlamaServerSpec(Closed):
     binary: Annotated[str, Field(min_length=1)] | None = None
     #: Start it with ``--metrics``, so the agent's ``/metrics`` carries its ``llamacpp:*`` series.
     metrics: bool = True
+    #: ``--parallel``: slots, i.e. conversations served at once, each keeping its prompt in the KV
+    #: cache for its next turn (with ``--kv-unified``: the slots share the context, none shrinks).
+    slots: Annotated[int, Field(ge=1, le=256)] | None = DEFAULT_SLOTS
+    #: ``--cache-ram`` (MiB): host RAM where llama-server keeps idle slots' prompts, to restore
+    #: one when its conversation comes back (llama-server's own default is 8192).
+    prompt_cache_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = DEFAULT_PROMPT_CACHE_MIB
     #: ``always`` (started with the agent) or ``on_demand`` (started by the first request that
     #: needs it, stopped when idle or to make room under ``max_running``).
     start: Literal["always", "on_demand"] = "always"

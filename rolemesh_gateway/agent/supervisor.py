@@ -342,8 +342,10 @@ def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
     """The command line of a role's llama-server on ``127.0.0.1:port``.
 
     The agent owns ``--host``, ``--port`` and ``-m`` (the config refuses them in ``args``) and
-    adds ``--alias <role>`` unless one is given, so answers name the role, not a file path, and
-    ``--metrics`` (unless ``metrics: false``) for the agent's ``/metrics``.
+    adds ``--alias <role>`` unless one is given, so answers name the role, not a file path,
+    ``--metrics`` (unless ``metrics: false``) for the agent's ``/metrics``, and ``--parallel`` and
+    ``--cache-ram`` from ``slots`` and ``prompt_cache_mib`` unless ``args`` sets them (or they
+    are null: llama-server's own defaults).
     """
     assert spec.binary is not None, "resolved by the config preflight"
     argv = [spec.binary, "-m", spec.model, "--host", "127.0.0.1", "--port", str(port)]
@@ -351,6 +353,15 @@ def llama_argv(spec: LlamaServerSpec, role: str, port: int) -> list[str]:
         argv += ["--alias", role]
     if spec.metrics and "--metrics" not in spec.args:
         argv.append("--metrics")
+    given = {a.split("=", 1)[0] for a in spec.args}
+    if spec.slots is not None and not given & {"-np", "--parallel"}:
+        argv += ["--parallel", str(spec.slots)]
+        if not given & {"-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"}:
+            # One KV pool for all slots (what llama-server does when it picks the slot count
+            # itself): a long conversation may use the whole context, not a quarter of it.
+            argv.append("--kv-unified")
+    if spec.prompt_cache_mib is not None and not given & {"-cram", "--cache-ram"}:
+        argv += ["--cache-ram", str(spec.prompt_cache_mib)]
     return argv + list(spec.args)
 
 

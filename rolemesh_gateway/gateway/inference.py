@@ -174,7 +174,7 @@ class Inference:
 class Watch:
     """The client's ``send``, seen on its way: status, first content, token usage."""
 
-    __slots__ = ("_limits", "_rid", "_send", "first_at", "status", "stream", "ticket", "usage")
+    __slots__ = ("_limits", "_rid", "_send", "cache", "first_at", "status", "stream", "ticket", "usage")
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
@@ -191,6 +191,8 @@ class Watch:
         """Release the ticket of a limited key as the answer's last part goes out, so that a
         client that goes on the moment an answer ends finds its place free (on every gateway)."""
         self._limits, self.ticket = limits, ticket
+        #: Prompt tokens the server took from its cache, and those it processed.
+        self.cache: tuple[int, int] | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -206,9 +208,9 @@ class Watch:
                 if self.stream:
                     if self.first_at is None and _CONTENT.search(body):
                         self.first_at = time.perf_counter()
-                    if b'"usage"' in body:
+                    if b'"usage"' in body or b'"timings"' in body:
                         self._events_usage(body)
-                elif b'"usage"' in body:
+                elif b'"usage"' in body or b'"timings"' in body:
                     self._take_usage(_json(body))
             if self.ticket is not None and self._limits is not None:
                 await self._limits.on_body(self.ticket, message, self.usage)
@@ -216,7 +218,7 @@ class Watch:
 
     def _events_usage(self, body: bytes) -> None:
         for line in body.split(b"\n"):
-            if line.startswith(b"data:") and b'"usage"' in line:
+            if line.startswith(b"data:") and (b'"usage"' in line or b'"timings"' in line):
                 self._take_usage(_json(line[5:].strip()))
 
     def _take_usage(self, data: object) -> None:
@@ -224,6 +226,11 @@ class Watch:
         write it; a later report replaces an earlier one (a stream may repeat it)."""
         if not isinstance(data, dict):
             return
+        timings = data.get("timings")
+        if isinstance(timings, dict):  # llama-server: exact, and on its native endpoints too
+            cached, processed = timings.get("cache_n"), timings.get("prompt_n")
+            if type(cached) is int and type(processed) is int:
+                self.cache = (cached, processed)
         for where in (data, data.get("message"), data.get("response")):
             usage = where.get("usage") if isinstance(where, dict) else None
             if not isinstance(usage, dict):
@@ -235,6 +242,22 @@ class Watch:
                 prompt if type(prompt) is int else old[0],
                 completion if type(completion) is int else old[1],
             )
+            if not isinstance(timings, dict):
+                self._take_cached(usage)
+
+    def _take_cached(self, usage: dict[str, Any]) -> None:
+        """Cached prompt tokens as OpenAI (``prompt_tokens_details.cached_tokens``, included in
+        ``prompt_tokens``) or Anthropic (``cache_read_input_tokens``, beside ``input_tokens``)
+        report them."""
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if type(cached) is int and type(prompt) is int:
+            self.cache = (cached, max(prompt - cached, 0))
+            return
+        cached = usage.get("cache_read_input_tokens")
+        if type(cached) is int and type(prompt) is int:
+            self.cache = (cached, prompt)
 
 
 #: The first SSE event that carries content: chat and completions text, Anthropic text deltas.
@@ -292,6 +315,7 @@ class EndpointHandler:
                     target = f"{target}?{query.decode('latin-1')}"
             else:  # GET /props?model=...: no body; the model travels in the query
                 body = b""
+                data = None
                 params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
                 model = next((v for k, v in params if k == "model"), None)
                 route = inference.route_for(model) if policy is None else inference.for_client(model, policy)
@@ -309,6 +333,7 @@ class EndpointHandler:
             if policy is not None and policy.limited:
                 ticket = await inference.limits.admit(policy)  # else 429
                 watch.until_end(inference.limits, ticket)
+            out.data = data
             stats.inflight[alias] += 1
             try:
                 await cancel_on_disconnect(receive, inference.forward(route, out, watch, policy))
@@ -338,6 +363,8 @@ class EndpointHandler:
             seconds = time.perf_counter() - started
             ttft = watch.first_at - started if watch.first_at is not None else None
             stats.finished(alias, endpoint.path, status, seconds, client, ttft, watch.usage)
+            if watch.cache is not None:
+                stats.prompt_cache(alias, watch.cache)
             if inference.access_log:
                 _access(req, endpoint, status, seconds, ttft, watch.usage)
 

@@ -83,6 +83,9 @@ class Stats:
         self.fallbacks: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         #: Requests refused by a client key's own limits or model access, by key name and reason.
         self.client_rejected: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.prompt_cache_tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
+        #: cache_aware: why each request went where it did (prefix, session, balance, least_loaded).
+        self.cache_decisions: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def finished(
         self,
@@ -110,6 +113,11 @@ class Stats:
         if usage is not None:
             self.tokens[(alias, client, "prompt")] += usage[0]
             self.tokens[(alias, client, "completion")] += usage[1]
+
+    def prompt_cache(self, alias: str, cache: tuple[int, int]) -> None:
+        """Prompt tokens a server took from its cache and those it processed, for one answer."""
+        self.prompt_cache_tokens[(alias, "cached")] += cache[0]
+        self.prompt_cache_tokens[(alias, "processed")] += cache[1]
 
 
 class Collector:
@@ -176,6 +184,18 @@ class Collector:
             "Tokens from the usage the upstream reported, by client key name.",
             ("alias", "client", "kind"),
             s.tokens,
+        )
+        yield _counter(
+            "rolemesh_prompt_cache_tokens",
+            "Prompt tokens the upstream took from its prompt cache (cached) or processed, from its usage.",
+            ("alias", "kind"),
+            s.prompt_cache_tokens,
+        )
+        yield _counter(
+            "rolemesh_cache_aware_decisions",
+            "cache_aware: requests routed by prefix match, session, load balance or least load.",
+            ("alias", "reason"),
+            s.cache_decisions,
         )
         yield _counter(
             "rolemesh_client_requests",

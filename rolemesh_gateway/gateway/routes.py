@@ -49,11 +49,12 @@ from ..common.http1 import Client
 from ..common.logs import current_request
 from ..common.protocol import NODE_KEY
 from ..common.relay import is_buffered, pass_through, relay
+from .cache_aware import CacheAware, CacheAwareConfig, RoutingRequest, routing_request
 from .health import HealthMonitor
 from .metrics import Stats
 from .registry import Node, NodeRegistry
 from .settings import DiscoveredModel, NodeSettings, ProxyModel, QueueSettings, Settings
-from .strategies import Strategy, make_strategy
+from .strategies import QUEUEING, Strategy, make_strategy
 
 log = logging.getLogger("rolemesh.routes")
 
@@ -72,6 +73,8 @@ class Outbound:
     reply_headers: Headers
     #: An Anthropic Messages call: an in-band stream error takes that API's shape.
     anthropic: bool = False
+    #: The parsed body, when the endpoint parsed one (read only by ``cache_aware``).
+    data: dict[str, Any] | None = None
 
 
 class Route(abc.ABC):
@@ -272,6 +275,9 @@ class PassiveHealth:
             node.ejections = 0
 
 
+#: Why ``cache_aware`` chose a node that holds the conversation (see :meth:`DiscoveredRoute._pick`).
+HOLDS = frozenset({"prefix", "session"})
+
 #: Answers that say the node cannot serve now (llama-server's 503 while it loads a model).
 NODE_UNWELL = frozenset({502, 503, 504})
 
@@ -327,11 +333,14 @@ class DiscoveredRoute(Route):
         node_keys: KeyRing,
         passive: PassiveHealth,
         allow: Callable[[str], bool] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         super().__init__(alias, m.role, timeouts, write_timeout_s)
         self.role = m.role
         self.strategy_name = m.strategy
-        self.strategy: Strategy = make_strategy(m.strategy, lambda n: n.load())  # type: ignore[attr-defined]
+        self.strategy: Strategy = strategy or make_strategy(m.strategy, lambda n: n.load())  # type: ignore[attr-defined]
+        #: The strategy, when it routes by what the request says and learns from what was served.
+        self._cache = self.strategy if isinstance(self.strategy, CacheAware) else None
         self.max_attempts = m.max_attempts
         self.queue = queue
         self._client = client
@@ -386,16 +395,20 @@ class DiscoveredRoute(Route):
         tried: list[Node] = []
         deadline = time.monotonic() + (self.queue.max_wait_s if self.queue is not None else 0.0)
         last: RoleMeshError | None = None
+        cache = self._cache
+        request = (
+            routing_request(out.data, out.headers, cache.config.block_chars) if cache is not None else None
+        )
         for attempt in range(1, self.max_attempts + 1):
             try:
-                node = await self._pick(tried, deadline)
+                node = await self._pick(tried, deadline, request)
             except NoUpstreamAvailable:
                 if last is not None:  # the real reason is what the nodes tried said
                     raise last from None
                 raise
             tried.append(node)
             final = attempt == self.max_attempts or not self._others_left(tried)
-            outcome = await self._try(node, out, send, final)
+            outcome = await self._try(node, out, send, final, request)
             if outcome is DONE:
                 return
             last = outcome.error
@@ -403,7 +416,9 @@ class DiscoveredRoute(Route):
         assert last is not None
         raise last
 
-    async def _try(self, node: Node, out: Outbound, send: Send, final: bool) -> Outcome:
+    async def _try(
+        self, node: Node, out: Outbound, send: Send, final: bool, request: RoutingRequest | None = None
+    ) -> Outcome:
         """One attempt on one node; the module docstring says whose fault an answer is."""
         headers = out.headers
         key = self._node_keys.key(node.key_id) if node.key_id is not None else None
@@ -477,6 +492,8 @@ class DiscoveredRoute(Route):
             attempts[(self.alias, node.node_id, "http_error" if status >= 500 else "ok")] += 1
             if not nodes_fault:
                 self._passive.succeeded(node)
+                if request is not None and status < 400 and self._cache is not None:
+                    self._cache.learn(node, request)  # the node that served it now holds its prefix
             return DONE
 
     @contextlib.contextmanager
@@ -490,7 +507,7 @@ class DiscoveredRoute(Route):
             if self.queue is not None and len(self.queue):
                 self.queue.wake_one()
 
-    async def _pick(self, tried: list[Node], deadline: float) -> Node:
+    async def _pick(self, tried: list[Node], deadline: float, request: RoutingRequest | None = None) -> Node:
         registry = self._registry
         ticket: asyncio.Future[None] | None = None
         try:
@@ -502,16 +519,29 @@ class DiscoveredRoute(Route):
                     return registry.usable(n, now) and n not in tried
 
                 if self.queue is None:
-                    node = self._choose(nodes, eligible)
+                    node = self._choose(nodes, eligible, request)
                     if node is None:
                         raise NoUpstreamAvailable(self._none_message(tried))
+                    if self._cache is not None:
+                        self.stats.cache_decisions[(self.alias, self._cache.reason)] += 1
                     return node
 
                 def has_room(n: Node) -> bool:
                     cap = n.slots_total
                     return eligible(n) and (not cap or n.inflight < cap)
 
-                node = self._choose(nodes, has_room)
+                if self._cache is not None and request is not None:
+                    node = self._choose(nodes, eligible, request)
+                    # The node that holds the conversation takes it even when its slots are
+                    # busy (llama-server queues it behind them, which costs less than the whole
+                    # prompt elsewhere; the balance thresholds bound this). The least loaded
+                    # node being full means every node is: wait.
+                    if node is not None and not has_room(node) and self._cache.reason not in HOLDS:
+                        node = None
+                    if node is not None:
+                        self.stats.cache_decisions[(self.alias, self._cache.reason)] += 1
+                else:
+                    node = self._choose(nodes, has_room, request)
                 if node is not None:
                     return node
                 if not any(eligible(n) for n in nodes):
@@ -528,18 +558,28 @@ class DiscoveredRoute(Route):
             if self.queue is not None:
                 self.queue.leave(ticket)
 
-    def _choose(self, nodes: Sequence[Node], ok: Callable[[Node], bool]) -> Node | None:
+    def _choose(
+        self, nodes: Sequence[Node], ok: Callable[[Node], bool], request: RoutingRequest | None = None
+    ) -> Node | None:
         """The strategy's choice, among nodes with the role warm first when some have it cold.
 
         A cold node (its model loads on demand) gets the request only when no warm node can
-        take it; the check costs one dict lookup while no node has the role cold.
+        take it; the check costs one dict lookup while no node has the role cold. ``request``
+        only goes to a strategy that needs it (``cache_aware``).
         """
+        strategy = self.strategy
         if self._registry.has_cold(self.role):
             role = self.role
-            node = self.strategy.choose(nodes, lambda n: role not in n.cold and ok(n))
+
+            def warm(n: Node) -> bool:
+                return role not in n.cold and ok(n)
+
+            node = strategy.choose(nodes, warm) if request is None else strategy.choose(nodes, warm, request)
             if node is not None:
                 return node
-        return self.strategy.choose(nodes, ok)
+        if request is None:
+            return strategy.choose(nodes, ok)
+        return strategy.choose(nodes, ok, request)
 
     def _others_left(self, tried: list[Node]) -> bool:
         """Is there a node not tried yet that could take the request? (only on the failure path)"""
@@ -569,6 +609,7 @@ def build_routes(
     passive = PassiveHealth(settings.nodes, registry.clock)
     stats = stats or Stats()
     queues: dict[str, WaitQueue] = {}  # per role: the first least_busy alias of a role sets its bounds
+    caches: dict[str, CacheAware] = {}  # per role: aliases of one role share one prefix map
     routes: dict[str, Route] = {}
     write_s = settings.limits.write_timeout_s
     for alias, m in settings.models.items():
@@ -578,10 +619,18 @@ def build_routes(
             routes[alias].stats = stats
         else:
             queue = None
-            if m.strategy == "least_busy":
+            if m.strategy in QUEUEING:
                 queue = queues.setdefault(m.role, WaitQueue(m.queue or settings.queue))
+            strategy = None
+            if m.strategy == "cache_aware":
+                strategy = caches.get(m.role)
+                if strategy is None:
+                    config = CacheAwareConfig(**(m.cache_aware.model_dump() if m.cache_aware else {}))
+                    strategy = caches[m.role] = CacheAware(
+                        Node.load, config, inflight=lambda n: n.inflight, name=lambda n: n.node_id
+                    )
             routes[alias] = route = DiscoveredRoute(
-                alias, m, timeouts, write_s, queue, client, registry, node_keys, passive, allow
+                alias, m, timeouts, write_s, queue, client, registry, node_keys, passive, allow, strategy
             )
             route.stats = stats
             route.server_names = settings.nodes.verify_server_names

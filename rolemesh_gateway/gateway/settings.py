@@ -66,6 +66,24 @@ class QueueSettings(Closed):
     max_wait_s: PositiveSeconds = 30.0
 
 
+class CacheAwareSettings(Closed):
+    """Thresholds of the ``cache_aware`` strategy (README "Cache-aware routing")."""
+
+    #: Route to the node with the longest known prefix when it covers this share of the prompt.
+    match_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    #: Out of balance (then: least loaded) when the busiest node has this many more requests
+    #: in flight than the idlest, and more than ``balance_rel`` times as many.
+    balance_abs: Annotated[int, Field(ge=0)] = 32
+    balance_rel: Annotated[float, Field(ge=1.0)] = 1.1
+    #: Prefix keys remembered per role (one per block of prompt; about 150 bytes each).
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 65536
+    #: Characters per block of prompt text (one key each).
+    block_chars: Annotated[int, Field(ge=16, le=65536)] = 128
+    #: A node is passed over for a prefix match or a session when taking the request would put
+    #: more than this times the average in-flight count on it.
+    load_factor: Annotated[float, Field(gt=1.0)] = 1.25
+
+
 class ProxyModel(Closed):
     """An alias served by one fixed upstream URL."""
 
@@ -92,6 +110,15 @@ class DiscoveredModel(Closed):
     timeouts: TimeoutsOverride | None = None
     queue: QueueSettings | None = None
     fallbacks: Annotated[tuple[Name, ...], Field(max_length=MAX_FALLBACKS)] = ()
+    cache_aware: CacheAwareSettings | None = None
+
+    @model_validator(mode="after")
+    def _cache_aware_only_with_its_strategy(self) -> DiscoveredModel:
+        if self.cache_aware is not None and self.strategy != "cache_aware":
+            raise ValueError(
+                f"'cache_aware' settings need 'strategy: cache_aware' (this alias uses {self.strategy})"
+            )
+        return self
 
 
 ModelConfig = Annotated[ProxyModel | DiscoveredModel, Field(discriminator="type")]

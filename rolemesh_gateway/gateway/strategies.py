@@ -17,6 +17,8 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
+from .cache_aware import CacheAware, RoutingRequest
+
 T = TypeVar("T")
 
 #: How many random draws before falling back to a linear scan.
@@ -24,9 +26,15 @@ _RANDOM_DRAWS = 4
 
 
 class Strategy(Protocol):
-    """Chooses a node from ``nodes`` for which ``eligible`` holds, or ``None``."""
+    """Chooses a node from ``nodes`` for which ``eligible`` holds, or ``None``.
 
-    def choose(self, nodes: Sequence[T], eligible: Callable[[T], bool]) -> T | None: ...
+    ``request`` is given only to a strategy whose ``needs_request`` is true (``cache_aware``):
+    the others never pay for building it.
+    """
+
+    def choose(
+        self, nodes: Sequence[T], eligible: Callable[[T], bool], request: RoutingRequest | None = None
+    ) -> T | None: ...
 
 
 class RoundRobin:
@@ -35,7 +43,9 @@ class RoundRobin:
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, nodes: Sequence[T], eligible: Callable[[T], bool]) -> T | None:
+    def choose(
+        self, nodes: Sequence[T], eligible: Callable[[T], bool], request: RoutingRequest | None = None
+    ) -> T | None:
         n = len(nodes)
         if n == 0:
             return None
@@ -53,7 +63,9 @@ class Random:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, nodes: Sequence[T], eligible: Callable[[T], bool]) -> T | None:
+    def choose(
+        self, nodes: Sequence[T], eligible: Callable[[T], bool], request: RoutingRequest | None = None
+    ) -> T | None:
         n = len(nodes)
         if n == 0:
             return None
@@ -75,7 +87,9 @@ class LeastBusy:
         self._load = load
         self._counter = itertools.count()
 
-    def choose(self, nodes: Sequence[T], eligible: Callable[[T], bool]) -> T | None:
+    def choose(
+        self, nodes: Sequence[T], eligible: Callable[[T], bool], request: RoutingRequest | None = None
+    ) -> T | None:
         n = len(nodes)
         if n == 0:
             return None
@@ -104,7 +118,15 @@ STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
         lambda load: LeastBusy(load),
         "pick the fresh node with the lowest load (in-flight / slots); queue when all are full",
     ),
+    "cache_aware": (
+        lambda load: CacheAware(load),
+        "send a conversation back to the node that holds its prompt prefix (or its session), "
+        "unless the load is out of balance; queue when all are full",
+    ),
 }
+
+#: Strategies that queue a request when every node of the role is at capacity.
+QUEUEING = frozenset({"least_busy", "cache_aware"})
 
 
 def make_strategy(name: str, load: Callable[[object], float]) -> Strategy:
