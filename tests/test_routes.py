@@ -670,7 +670,7 @@ def test_after_an_ejection_the_node_is_on_probation() -> None:
 
 
 # -- warm before cold (models on demand) ------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_busy"])
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_busy", "cache_aware"])
 def test_a_warm_node_gets_every_request_while_it_has_room(strategy: str) -> None:
     async def go() -> None:
         f = Fleet(make_settings({"strategy": strategy}))
