@@ -186,13 +186,13 @@ class Watch:
         #: A limited key's admission, released as the answer's last part goes out.
         self.ticket: Ticket | None = None
         self._limits: ClientLimits | None = None
+        #: Prompt tokens the server took from its cache, and those it processed.
+        self.cache: tuple[int, int] | None = None
 
     def until_end(self, limits: ClientLimits, ticket: Ticket) -> None:
         """Release the ticket of a limited key as the answer's last part goes out, so that a
         client that goes on the moment an answer ends finds its place free (on every gateway)."""
         self._limits, self.ticket = limits, ticket
-        #: Prompt tokens the server took from its cache, and those it processed.
-        self.cache: tuple[int, int] | None = None
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
