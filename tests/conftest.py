@@ -15,7 +15,13 @@ import httpx
 import pytest
 import yaml
 
+from rolemesh_gateway.common import asgi
 from tests.fakes import FakeUpstream, free_port
+
+# The in-process servers of the tests share pytest's process: freezing it at each start-up would
+# keep every test's garbage for good (and hides objects from Hypothesis's gc checks). Servers
+# started as programs freeze as in production (tests/test_asgi.py checks it).
+asgi.FREEZE_AT_STARTUP = False
 
 if TYPE_CHECKING:
     from tests.agents import AgentProcess

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -365,3 +367,19 @@ def test_lifespan_startup_failure_is_reported_to_the_server() -> None:
         assert sent.messages == [{"type": "lifespan.startup.failed", "message": "redis is down"}]
 
     run(go())
+
+
+def test_start_up_objects_are_frozen_out_of_the_collectors_way() -> None:
+    """A server process moves what start-up made out of the collector's reach (the tests'
+    in-process servers do not: conftest turns it off for pytest's own process)."""
+    code = (
+        "import asyncio, gc\n"
+        "from rolemesh_gateway.common.asgi import lifespan\n"
+        "msgs = iter([{'type': 'lifespan.startup'}, {'type': 'lifespan.shutdown'}])\n"
+        "async def receive(): return next(msgs)\n"
+        "async def send(m): print(m['type'], gc.get_freeze_count() > 0)\n"
+        "async def nothing(): pass\n"
+        "asyncio.run(lifespan(receive, send, nothing, nothing))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["lifespan.startup.complete True", "lifespan.shutdown.complete True"]

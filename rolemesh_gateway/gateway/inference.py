@@ -249,6 +249,12 @@ class Watch:
         """Cached prompt tokens as OpenAI (``prompt_tokens_details.cached_tokens``, included in
         ``prompt_tokens``) or Anthropic (``cache_read_input_tokens``, beside ``input_tokens``)
         report them."""
+        if (
+            "prompt_tokens_details" not in usage
+            and "cache_read_input_tokens" not in usage
+            and "input_tokens_details" not in usage
+        ):
+            return  # plain usage: nothing said about the cache
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
@@ -333,7 +339,8 @@ class EndpointHandler:
             if policy is not None and policy.limited:
                 ticket = await inference.limits.admit(policy)  # else 429
                 watch.until_end(inference.limits, ticket)
-            out.data = data
+            if route.reads_body:
+                out.data = data
             stats.inflight[alias] += 1
             try:
                 await cancel_on_disconnect(receive, inference.forward(route, out, watch, policy))

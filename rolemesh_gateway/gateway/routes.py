@@ -81,6 +81,8 @@ class Route(abc.ABC):
     """How one alias is served."""
 
     kind: str
+    #: Does :meth:`forward` read :attr:`Outbound.data` (``cache_aware``)? Else it is not kept.
+    reads_body = False
 
     def __init__(
         self, alias: str, rewrite_model: str | None, timeouts: Timeouts, write_timeout_s: float
@@ -341,6 +343,7 @@ class DiscoveredRoute(Route):
         self.strategy: Strategy = strategy or make_strategy(m.strategy, lambda n: n.load())  # type: ignore[attr-defined]
         #: The strategy, when it routes by what the request says and learns from what was served.
         self._cache = self.strategy if isinstance(self.strategy, CacheAware) else None
+        self.reads_body = self._cache is not None
         self.max_attempts = m.max_attempts
         self.queue = queue
         self._client = client
