@@ -315,7 +315,11 @@ def test_models_may_name_an_alias_by_its_openai_name(upstreams: Up, gateway: Gw)
         ({"rate_limit": {}}, "rate_limit: set requests_per_minute, tokens_per_minute or both"),
         ({"rate_limit": {"rpm": 3}}, "rate_limit.rpm: unknown key; allowed here: requests_per_minute"),
         ({"max_concurrent": 0}, "auth.client_api_keys.0.max_concurrent: got 0; input should be greater"),
-        ({"max_concurent": 2}, "auth.client_api_keys.0.max_concurent: unknown key; allowed here: name, key"),
+        (
+            {"max_concurent": 2},
+            "auth.client_api_keys.0.max_concurent: unknown key; "
+            "allowed here: name, key, rate_limit, max_concurrent, models",
+        ),
     ],
 )
 def test_nonsense_limits_are_refused_in_one_line(key: dict[str, Any], error: str) -> None:

@@ -286,7 +286,10 @@ def _walk(tp: Any, loc: tuple[Any, ...]) -> tuple[Any, list[str]]:
     for part in loc:
         tp = _unwrap(tp)
         if isinstance(tp, tuple):  # a tagged union: ``part`` is the tag that picked the member
-            tp = next((m for m in tp if _is_model(m) and (_has_tag(m, part) or m.__name__ == part)), None)
+            models = [m for m in tp if _is_model(m)]
+            tp = next((m for m in models if m.__name__ == part), None) or next(
+                (m for m in models if _has_tag(m, part)), None
+            )
             continue
         shown.append(str(part))
         if _is_model(tp):
