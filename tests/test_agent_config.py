@@ -224,3 +224,10 @@ def test_slots_and_prompt_cache_ram_defaults_overrides_and_limits(
     assert "roles.p.llama_server.slots: got 0; input should be greater than or equal to 1" in error(
         base(p={"llama_server": {"model": fake_files["model"], "binary": fake_files["binary"], "slots": 0}})
     )
+
+
+def test_allowed_client_names_need_required_client_certificates() -> None:
+    assert error({**base(), "tls": {"allowed_client_names": ["gateway.lan"]}}) == (
+        "agent.yaml: tls.allowed_client_names needs tls.client_ca_file with client_certs: required "
+        "(the names are read from the client's certificate)"
+    )

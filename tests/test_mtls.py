@@ -184,6 +184,44 @@ def test_mutual_tls_registers_and_streams_through_the_openai_sdk(
         httpx.post(f"{agent.url}/v1/chat/completions", verify=trust(certs / "ca.crt"), timeout=5, json={})
 
 
+def test_an_agent_serves_only_the_certificate_names_it_allows(
+    tmp_path: Path, certs: Path, upstream: FakeUpstream, procs: list[TlsService]
+) -> None:
+    """tls.allowed_client_names: another node's certificate from the same CA, even with the
+    node key, cannot use this agent's models; the gateway's can."""
+    gw = start_gateway(procs, tmp_path, certs, gateway_config(certs))
+    config = agent_config(gw, "gpu-box-1", certs, upstream.url, certs / "ca.crt")
+    config["tls"]["allowed_client_names"] = ["localhost"]  # what make_certs.sh's gateway.crt names
+    agent = start_agent(procs, tmp_path, config, certs / "ca.crt")
+    wait_until(lambda: [n["node_id"] for n in nodes(gw)] == ["gpu-box-1"], 15, "gpu-box-1 registered")
+    chat = {"model": "writer", "messages": [{"role": "user", "content": "hi"}]}
+    through = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"X-Api-Key": CLIENT_KEY},
+        json=chat,
+        verify=gw.probe,
+        timeout=10,
+    )
+    assert through.status_code == 200
+
+    other_node = trust(certs / "ca.crt")
+    other_node.check_hostname = False
+    other_node.load_cert_chain(certs / "gpu-box-2.crt", certs / "gpu-box-2.key")
+    seen = len(upstream.seen)
+    direct = httpx.post(
+        f"{agent.url}/v1/chat/completions",
+        headers={"X-RoleMesh-Node-Key": NODE_KEY},
+        json=chat,
+        verify=other_node,
+        timeout=10,
+    )
+    assert direct.status_code == 403
+    assert direct.json()["error"]["message"] == (
+        "the client certificate names gpu-box-2; this agent serves only localhost (tls.allowed_client_names)"
+    )
+    assert len(upstream.seen) == seen  # nothing reached the model
+
+
 def test_plain_http_to_the_tls_port_fails_fast(tmp_path: Path, certs: Path, procs: list[TlsService]) -> None:
     gw = start_gateway(procs, tmp_path, certs, gateway_config(certs))
     plain = gw.url.replace("https://", "http://")

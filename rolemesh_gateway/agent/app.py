@@ -45,6 +45,7 @@ from ..common.endpoints import ANTHROPIC_PATHS, UPSTREAM
 from ..common.errors import (
     BadRequest,
     ConfigError,
+    Forbidden,
     ModelNotFound,
     NoUpstreamAvailable,
     RoleMeshError,
@@ -87,6 +88,7 @@ class Agent:
         self._tasks = TaskOwner()
         self.stats = AgentStats()
         self._keys = KeyRing([cfg.node_key] if cfg.node_key else [])
+        self._allowed_names = allowed_names(cfg)
         self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
         self._auth = {role: bearer_header(rc.api_key) for role, rc in cfg.roles.items() if rc.api_key}
         d = self._dispatch = Dispatcher()
@@ -103,11 +105,25 @@ class Agent:
             try:
                 if scope["path"] != "/health":  # everything else is for the gateway only
                     self._check_key(scope["headers"])
+                    if self._allowed_names is not None:
+                        self._check_name(scope)
                 await self._dispatch.find(scope["method"], scope["path"])(scope, receive, send)
             except RoleMeshError as exc:
                 await send_error(send, exc, anthropic=scope["path"] in ANTHROPIC_PATHS)
         elif scope["type"] == "lifespan":
             await lifespan(receive, send, self.startup, self.shutdown)
+
+    def _check_name(self, scope: Scope) -> None:
+        """``tls.allowed_client_names``: the client certificate must name one of them."""
+        allowed = self._allowed_names or frozenset()
+        tls = scope.get("extensions", {}).get("tls") or {}
+        names = tuple(tls.get("client_cert_names", ()))
+        if not allowed.intersection(names):
+            shown = ", ".join(names) or "nothing"
+            raise Forbidden(
+                f"the client certificate names {shown}; this agent serves only "
+                f"{', '.join(sorted(allowed))} (tls.allowed_client_names)"
+            )
 
     def _check_key(self, headers: Headers) -> None:
         if self._keys and self._keys.check_node(headers, bearer_too=True) is None:
@@ -173,6 +189,7 @@ class Agent:
         added, removed, changed = self.supervisor.apply(cfg, self._wait_idle)
         self.cfg = cfg
         self.registrar.cfg = cfg
+        self._allowed_names = allowed_names(cfg)
         self._rewrite = {role: rc.upstream_model for role, rc in cfg.roles.items() if rc.upstream_model}
         self._auth = {role: bearer_header(rc.api_key) for role, rc in cfg.roles.items() if rc.api_key}
         log.info(
@@ -328,3 +345,9 @@ class _Status:
 def create_app(cfg: AgentConfig, client: Client | None = None, config_path: str | None = None) -> Agent:
     """Build the node agent ASGI app from a validated config (``config_path``: what SIGHUP reloads)."""
     return Agent(cfg, client, config_path)
+
+
+def allowed_names(cfg: AgentConfig) -> frozenset[str] | None:
+    """The client certificate names that may call the agent (``tls.allowed_client_names``)."""
+    names = cfg.tls.allowed_client_names
+    return frozenset(names) if names is not None else None

@@ -128,6 +128,31 @@ class SupervisorSettings(Closed):
     backoff_max_s: PositiveSeconds = 60.0
 
 
+#: A name a certificate carries (DNS name or CN).
+CertName = Annotated[str, Field(min_length=1)]
+
+
+class AgentTls(TlsSettings):
+    """The agent's ``tls:`` section: the shared keys, plus who may call it by certificate."""
+
+    #: With ``client_ca_file``: only a client certificate that names one of these (a DNS
+    #: subjectAltName or the subject CN) may call the agent; others get 403, so that another
+    #: node's certificate from the same CA cannot use this node's models. Unset: any certificate
+    #: of the CA.
+    allowed_client_names: Annotated[tuple[CertName, ...], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _names_need_client_certificates(self) -> AgentTls:
+        if self.allowed_client_names is not None and (
+            self.client_ca_file is None or self.client_certs != "required"
+        ):
+            raise ValueError(
+                "tls.allowed_client_names needs tls.client_ca_file with client_certs: required "
+                "(the names are read from the client's certificate)"
+            )
+        return self
+
+
 class AgentConfig(Closed):
     """The whole node agent configuration."""
 
@@ -148,7 +173,7 @@ class AgentConfig(Closed):
     probes: Probes = Probes(interval_s=5.0, timeout_s=5.0)
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
-    tls: TlsSettings = TlsSettings()
+    tls: AgentTls = AgentTls()
 
     @model_validator(mode="after")
     def _advertise(self) -> AgentConfig:
