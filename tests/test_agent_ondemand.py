@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import pytest
 from rolemesh_gateway.agent.config import AgentConfig, parse_config
 from rolemesh_gateway.agent.supervisor import Supervisor
 from rolemesh_gateway.common.errors import NoUpstreamAvailable
-from rolemesh_gateway.common.http1 import Client
 from tests.fakes import write_fake_llama_server
+from tests.test_agent_supervisor import run, until
 
 
 def config(tmp_path: Path, *args: str, max_running: int | None = None, **role: Any) -> AgentConfig:
@@ -35,29 +34,6 @@ def config(tmp_path: Path, *args: str, max_running: int | None = None, **role: A
         },
         env={},
     )
-
-
-def run(cfg: AgentConfig, body: Callable[[Supervisor], Awaitable[None]]) -> None:
-    async def main() -> None:
-        client = Client()
-        sup = Supervisor(cfg, client)
-        sup.start()
-        try:
-            async with asyncio.timeout(30):
-                await body(sup)
-        finally:
-            await sup.stop()
-            await client.close()
-
-    asyncio.run(main())
-
-
-async def until(check: Callable[[], bool], limit_s: float, what: str) -> None:
-    deadline = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_nothing_starts_with_the_agent_and_concurrent_requests_share_one_load(tmp_path: Path) -> None:
